@@ -1,1 +1,40 @@
-//! Architectures (being written).
+//! Model architectures on the CPU reference backend: Llama/Mistral, Qwen2, Mixtral,
+//! Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 and DeepSeek-V3, with f32 activations and weights in
+//! any block format `kt-quant` computes.
+//!
+//! [`load`] opens weight files (an HF folder, a GGUF file or folder, or the KTransformers
+//! pairing of an HF folder with GGUF weights), reads the config, and builds a [`Model`];
+//! [`generate`] runs the decode loop.
+
+pub mod config;
+pub mod generate;
+pub mod linear;
+mod load;
+pub mod model;
+pub mod moe;
+pub mod names;
+pub mod ops;
+
+pub use config::{Arch, ModelConfig};
+pub use generate::{generate, FinishReason, GenerateParams, Generation, TokenLogprob, TokenOut};
+pub use linear::MatmulMode;
+pub use load::{load, load_gguf, LoadedModel, ModelSource};
+pub use model::{Model, Sequence};
+pub use moe::{Experts, LocalExperts, Routing};
+
+/// Errors of building or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] kt_formats::FormatError),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("shape: {0}")]
+    Shape(String),
+    #[error("missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("input: {0}")]
+    Input(String),
+}

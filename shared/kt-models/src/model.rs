@@ -1,0 +1,576 @@
+//! The decoder: every supported architecture as one layer stack whose attention (GQA or MLA)
+//! and feed-forward (dense or MoE) are chosen by the config.
+
+use std::sync::Arc;
+
+use kt_core::WeightTensor;
+use kt_formats::TensorSource;
+
+use crate::config::{AttentionConfig, ModelConfig, RopeScaling};
+use crate::linear::{row_f32, to_f32, Linear, MatmulMode};
+use crate::moe::{route, Experts, LocalExperts, Mlp};
+use crate::names::{ExpertTensor, LayerTensor as T, Scheme};
+use crate::ops::{rms_norm, sigmoid, softmax, Rope};
+use crate::ModelError;
+
+/// Grouped-query attention weights.
+#[derive(Debug)]
+struct Gqa {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Multi-head latent attention weights, with `kv_b` split per head for absorption.
+#[derive(Debug)]
+struct Mla {
+    q: MlaQuery,
+    kv_a: Linear,
+    kv_a_norm: Vec<f32>,
+    /// `[heads][kv_lora][nope]`: maps a head's no-RoPE query into the latent space.
+    k_b_t: Vec<f32>,
+    /// `[heads][v_dim][kv_lora]`: maps the attended latent to the head's value.
+    v_b: Vec<f32>,
+    o: Linear,
+    n_heads: usize,
+    kv_lora: usize,
+    nope: usize,
+    rope: usize,
+    v_dim: usize,
+}
+
+#[derive(Debug)]
+enum MlaQuery {
+    Direct(Linear),
+    LowRank { a: Linear, norm: Vec<f32>, b: Linear },
+}
+
+#[derive(Debug)]
+enum Attention {
+    Gqa(Gqa),
+    Mla(Mla),
+}
+
+#[derive(Debug)]
+struct MoeBlock {
+    router: Linear,
+    router_bias: Option<Vec<f32>>,
+    shared: Option<Mlp>,
+    shared_gate: Option<Linear>,
+}
+
+#[derive(Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    attn: Attention,
+    ffn: Ffn,
+}
+
+/// Per-sequence state: the KV cache of every layer and the next position.
+#[derive(Debug, Default)]
+pub struct Sequence {
+    caches: Vec<LayerCache>,
+    pos: usize,
+}
+
+impl Sequence {
+    /// Number of tokens already processed.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+}
+
+#[derive(Debug, Default)]
+struct LayerCache {
+    /// GQA: keys `[pos][kv_heads][head_dim]`; MLA: normalized latents `[pos][kv_lora]`.
+    k: Vec<f32>,
+    /// GQA: values; MLA: roped shared keys `[pos][rope]`.
+    v: Vec<f32>,
+}
+
+/// A loaded model on the CPU backend.
+pub struct Model {
+    pub config: ModelConfig,
+    embed: WeightTensor,
+    final_norm: Vec<f32>,
+    lm_head: Linear,
+    layers: Vec<Layer>,
+    rope: Rope,
+    softmax_scale_mult: f32,
+    experts: Arc<dyn Experts>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+    scheme: Scheme,
+    mode: MatmulMode,
+}
+
+impl Loader<'_> {
+    fn find(&self, names: &[String]) -> Option<String> {
+        names.iter().find(|n| self.src.contains(n)).cloned()
+    }
+
+    fn opt(&self, names: Vec<String>, shape: &[usize]) -> Result<Option<WeightTensor>, ModelError> {
+        let Some(name) = self.find(&names) else { return Ok(None) };
+        let mut t = self.src.tensor(&name)?;
+        if t.shape != shape {
+            // Writers differ on unit dimensions (llama.cpp stores Qwen2-MoE's [1, n] shared
+            // expert gate as [n]); the same elements in the same order are the same tensor.
+            let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+            // Rows must keep their length: blocks of quantized formats run along them.
+            if squeeze(&t.shape) != squeeze(shape) || t.shape.last() != shape.last() {
+                return Err(ModelError::Shape(format!(
+                    "tensor `{name}` has shape {:?}, the config implies {shape:?}",
+                    t.shape
+                )));
+            }
+            t.shape = shape.to_vec();
+        }
+        Ok(Some(t))
+    }
+
+    fn get(&self, names: Vec<String>, shape: &[usize]) -> Result<WeightTensor, ModelError> {
+        let shown = names.join("` or `");
+        self.opt(names, shape)?.ok_or_else(|| ModelError::MissingTensor(shown))
+    }
+
+    fn vec(&self, names: Vec<String>, len: usize) -> Result<Vec<f32>, ModelError> {
+        to_f32(&self.get(names, &[len])?)
+    }
+
+    fn opt_vec(&self, names: Vec<String>, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        self.opt(names, &[len])?.map(|t| to_f32(&t)).transpose()
+    }
+
+    fn linear(&self, names: Vec<String>, out: usize, inp: usize) -> Result<Linear, ModelError> {
+        Linear::new(self.get(names, &[out, inp])?, None, self.mode)
+    }
+
+    fn mlp(&self, l: usize, g: T, u: T, d: T, hidden: usize, ff: usize) -> Result<Mlp, ModelError> {
+        Ok(Mlp {
+            gate: self.linear(self.scheme.layer(l, g), ff, hidden)?,
+            up: self.linear(self.scheme.layer(l, u), ff, hidden)?,
+            down: self.linear(self.scheme.layer(l, d), hidden, ff)?,
+        })
+    }
+}
+
+impl Model {
+    /// Builds the model from weight files whose names follow `scheme`. Routed experts are
+    /// loaded into a [`LocalExperts`]; use [`Model::with_experts`] to put another
+    /// implementation behind the seam.
+    pub fn load(
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        scheme: Scheme,
+        mode: MatmulMode,
+    ) -> Result<Self, ModelError> {
+        let ld = Loader { src, scheme, mode };
+        let c = &config;
+        let h = c.hidden;
+        let embed = ld.get(scheme.embed(), &[c.vocab_size, h])?;
+        let final_norm = ld.vec(scheme.final_norm(), h)?;
+        let lm_head = match ld.opt(scheme.lm_head(), &[c.vocab_size, h])? {
+            Some(w) if !c.tie_embeddings => Linear::new(w, None, mode)?,
+            _ => Linear::new(embed.clone(), None, mode)?,
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        let mut expert_layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let attn = Self::load_attention(&ld, c, l)?;
+            let (ffn, experts) = if c.is_moe_layer(l) {
+                let (block, experts) = Self::load_moe(&ld, c, l)?;
+                (Ffn::Moe(block), Some(experts))
+            } else {
+                (Ffn::Dense(ld.mlp(l, T::FfnGate, T::FfnUp, T::FfnDown, h, c.ff)?), None)
+            };
+            layers.push(Layer {
+                attn_norm: ld.vec(scheme.layer(l, T::AttnNorm), h)?,
+                ffn_norm: ld.vec(scheme.layer(l, T::FfnNorm), h)?,
+                attn,
+                ffn,
+            });
+            expert_layers.push(experts);
+        }
+        let softmax_scale_mult = match &c.rope.scaling {
+            RopeScaling::Yarn(y) => y.softmax_scale_mult,
+            _ => 1.0,
+        };
+        Ok(Self {
+            rope: Rope::new(&c.rope),
+            experts: Arc::new(LocalExperts::new(h, expert_layers)),
+            config,
+            embed,
+            final_norm,
+            lm_head,
+            layers,
+            softmax_scale_mult,
+        })
+    }
+
+    /// Replaces the routed-expert implementation (e.g. with a remote expert tier).
+    pub fn with_experts(mut self, experts: Arc<dyn Experts>) -> Self {
+        self.experts = experts;
+        self
+    }
+
+    fn load_attention(ld: &Loader<'_>, c: &ModelConfig, l: usize) -> Result<Attention, ModelError> {
+        let h = c.hidden;
+        let s = ld.scheme;
+        match c.attention {
+            AttentionConfig::Gqa { n_heads, n_kv_heads, head_dim, qkv_bias, qk_norm } => {
+                let (qd, kd) = (n_heads * head_dim, n_kv_heads * head_dim);
+                let with_bias = |w: T, b: T, out: usize| -> Result<Linear, ModelError> {
+                    let bias = if qkv_bias { ld.opt_vec(s.layer(l, b), out)? } else { None };
+                    Linear::new(ld.get(s.layer(l, w), &[out, h])?, bias, ld.mode)
+                };
+                Ok(Attention::Gqa(Gqa {
+                    q: with_bias(T::Q, T::QBias, qd)?,
+                    k: with_bias(T::K, T::KBias, kd)?,
+                    v: with_bias(T::V, T::VBias, kd)?,
+                    o: ld.linear(s.layer(l, T::O), h, qd)?,
+                    q_norm: if qk_norm {
+                        Some(ld.vec(s.layer(l, T::QNorm), head_dim)?)
+                    } else {
+                        None
+                    },
+                    k_norm: if qk_norm {
+                        Some(ld.vec(s.layer(l, T::KNorm), head_dim)?)
+                    } else {
+                        None
+                    },
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                }))
+            }
+            AttentionConfig::Mla {
+                n_heads,
+                q_lora_rank,
+                kv_lora_rank,
+                qk_nope_head_dim: nope,
+                qk_rope_head_dim: rope,
+                v_head_dim: v_dim,
+            } => {
+                let qd = n_heads * (nope + rope);
+                let q = match q_lora_rank {
+                    None => MlaQuery::Direct(ld.linear(s.layer(l, T::Q), qd, h)?),
+                    Some(r) => MlaQuery::LowRank {
+                        a: ld.linear(s.layer(l, T::QA), r, h)?,
+                        norm: ld.vec(s.layer(l, T::QANorm), r)?,
+                        b: ld.linear(s.layer(l, T::QB), qd, r)?,
+                    },
+                };
+                let mut k_b_t = vec![0f32; n_heads * kv_lora_rank * nope];
+                let mut v_b = vec![0f32; n_heads * v_dim * kv_lora_rank];
+                if let Some(kv_b) =
+                    ld.opt(s.layer(l, T::KvB), &[n_heads * (nope + v_dim), kv_lora_rank])?
+                {
+                    let w = to_f32(&kv_b)?;
+                    let per = (nope + v_dim) * kv_lora_rank;
+                    for hd in 0..n_heads {
+                        let head = &w[hd * per..(hd + 1) * per];
+                        for i in 0..nope {
+                            for j in 0..kv_lora_rank {
+                                k_b_t[(hd * kv_lora_rank + j) * nope + i] =
+                                    head[i * kv_lora_rank + j];
+                            }
+                        }
+                        v_b[hd * v_dim * kv_lora_rank..(hd + 1) * v_dim * kv_lora_rank]
+                            .copy_from_slice(&head[nope * kv_lora_rank..]);
+                    }
+                } else {
+                    let kb = ld.get(s.layer(l, T::KB), &[n_heads, kv_lora_rank, nope])?;
+                    let vb = ld.get(s.layer(l, T::VB), &[n_heads, v_dim, kv_lora_rank])?;
+                    k_b_t = to_f32(&kb)?;
+                    v_b = to_f32(&vb)?;
+                }
+                Ok(Attention::Mla(Mla {
+                    q,
+                    kv_a: ld.linear(s.layer(l, T::KvAMqa), kv_lora_rank + rope, h)?,
+                    kv_a_norm: ld.vec(s.layer(l, T::KvANorm), kv_lora_rank)?,
+                    k_b_t,
+                    v_b,
+                    o: ld.linear(s.layer(l, T::O), h, n_heads * v_dim)?,
+                    n_heads,
+                    kv_lora: kv_lora_rank,
+                    nope,
+                    rope,
+                    v_dim,
+                }))
+            }
+        }
+    }
+
+    fn load_moe(
+        ld: &Loader<'_>,
+        c: &ModelConfig,
+        l: usize,
+    ) -> Result<(MoeBlock, Vec<Mlp>), ModelError> {
+        let Some(m) = &c.moe else {
+            return Err(ModelError::Config("MoE layer without an MoE config".into()));
+        };
+        let (h, ff, ne) = (c.hidden, m.expert_ff, m.n_experts);
+        let s = ld.scheme;
+        let router = ld.linear(s.layer(l, T::Router), ne, h)?;
+        let router_bias = ld.opt_vec(s.layer(l, T::RouterBias), ne)?;
+        let shared = if m.shared_ff > 0 {
+            Some(ld.mlp(l, T::ShexpGate, T::ShexpUp, T::ShexpDown, h, m.shared_ff)?)
+        } else {
+            None
+        };
+        let shared_gate =
+            if m.shared_gate { Some(ld.linear(s.layer(l, T::ShexpRouter), 1, h)?) } else { None };
+
+        let mk = |w: WeightTensor| Linear::new(w, None, ld.mode);
+        let experts = if let Some(gate) = ld.opt(s.layer(l, T::ExpsGate), &[ne, ff, h])? {
+            let up = ld.get(s.layer(l, T::ExpsUp), &[ne, ff, h])?;
+            let down = ld.get(s.layer(l, T::ExpsDown), &[ne, h, ff])?;
+            (0..ne)
+                .map(|e| {
+                    Ok(Mlp {
+                        gate: mk(LocalExperts::slice_expert(&gate, e, 0..ff)?)?,
+                        up: mk(LocalExperts::slice_expert(&up, e, 0..ff)?)?,
+                        down: mk(LocalExperts::slice_expert(&down, e, 0..h)?)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ModelError>>()?
+        } else if let Some(gate_up) = ld.opt(s.layer(l, T::ExpsGateUp), &[ne, 2 * ff, h])? {
+            let down = ld.get(s.layer(l, T::ExpsDown), &[ne, h, ff])?;
+            (0..ne)
+                .map(|e| {
+                    Ok(Mlp {
+                        gate: mk(LocalExperts::slice_expert(&gate_up, e, 0..ff)?)?,
+                        up: mk(LocalExperts::slice_expert(&gate_up, e, ff..2 * ff)?)?,
+                        down: mk(LocalExperts::slice_expert(&down, e, 0..h)?)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ModelError>>()?
+        } else {
+            (0..ne)
+                .map(|e| {
+                    Ok(Mlp {
+                        gate: ld.linear(s.expert(l, e, ExpertTensor::Gate), ff, h)?,
+                        up: ld.linear(s.expert(l, e, ExpertTensor::Up), ff, h)?,
+                        down: ld.linear(s.expert(l, e, ExpertTensor::Down), h, ff)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ModelError>>()?
+        };
+        Ok((MoeBlock { router, router_bias, shared, shared_gate }, experts))
+    }
+
+    /// A fresh sequence with an empty KV cache.
+    pub fn new_sequence(&self) -> Sequence {
+        Sequence { caches: (0..self.layers.len()).map(|_| LayerCache::default()).collect(), pos: 0 }
+    }
+
+    /// Runs `tokens` through the model after what `seq` holds and returns the logits of the
+    /// last one.
+    pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let n = tokens.len();
+        let h = self.config.hidden;
+        if n == 0 {
+            return Err(ModelError::Input("no tokens to process".into()));
+        }
+        if seq.caches.len() != self.layers.len() {
+            return Err(ModelError::Input("sequence belongs to another model".into()));
+        }
+        let mut x = vec![0f32; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= self.config.vocab_size {
+                return Err(ModelError::Input(format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+            row_f32(&self.embed, id as usize, &mut x[t * h..(t + 1) * h])?;
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut y = x.clone();
+            rms_norm(&mut y, &layer.attn_norm, self.config.rms_eps);
+            let a = match &layer.attn {
+                Attention::Gqa(g) => self.gqa(g, &mut seq.caches[l], seq.pos, &y, n),
+                Attention::Mla(m) => self.mla(m, &mut seq.caches[l], seq.pos, &y, n),
+            };
+            add(&mut x, &a);
+            let mut y = x.clone();
+            rms_norm(&mut y, &layer.ffn_norm, self.config.rms_eps);
+            let f = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&y, n),
+                Ffn::Moe(b) => self.moe(l, b, &y, n)?,
+            };
+            add(&mut x, &f);
+        }
+        seq.pos += n;
+        let mut last = x[(n - 1) * h..].to_vec();
+        rms_norm(&mut last, &self.final_norm, self.config.rms_eps);
+        Ok(self.lm_head.forward(&last, 1))
+    }
+
+    fn moe(&self, l: usize, b: &MoeBlock, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+        let Some(cfg) = &self.config.moe else {
+            return Err(ModelError::Config("MoE layer without an MoE config".into()));
+        };
+        let logits = b.router.forward(x, n);
+        let routing = route(cfg, &logits, b.router_bias.as_deref());
+        let mut out = self.experts.forward(l, x, &routing)?;
+        if let Some(shared) = &b.shared {
+            let mut s = shared.forward(x, n);
+            if let Some(gate) = &b.shared_gate {
+                let g = gate.forward(x, n);
+                let h = self.config.hidden;
+                for (row, g) in s.chunks_exact_mut(h).zip(&g) {
+                    let w = sigmoid(*g);
+                    row.iter_mut().for_each(|v| *v *= w);
+                }
+            }
+            add(&mut out, &s);
+        }
+        Ok(out)
+    }
+
+    fn gqa(&self, g: &Gqa, cache: &mut LayerCache, pos: usize, x: &[f32], n: usize) -> Vec<f32> {
+        let hd = g.head_dim;
+        let mut q = g.q.forward(x, n);
+        let mut k = g.k.forward(x, n);
+        let v = g.v.forward(x, n);
+        for (t, (qt, kt)) in q
+            .chunks_exact_mut(g.n_heads * hd)
+            .zip(k.chunks_exact_mut(g.n_kv_heads * hd))
+            .enumerate()
+        {
+            for head in qt.chunks_exact_mut(hd) {
+                if let Some(w) = &g.q_norm {
+                    rms_norm(head, w, self.config.rms_eps);
+                }
+                self.rope.apply(head, pos + t);
+            }
+            for head in kt.chunks_exact_mut(hd) {
+                if let Some(w) = &g.k_norm {
+                    rms_norm(head, w, self.config.rms_eps);
+                }
+                self.rope.apply(head, pos + t);
+            }
+        }
+        cache.k.extend_from_slice(&k);
+        cache.v.extend_from_slice(&v);
+        let kv_stride = g.n_kv_heads * hd;
+        let group = g.n_heads / g.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; n * g.n_heads * hd];
+        let mut scores = Vec::new();
+        for t in 0..n {
+            let len = pos + t + 1;
+            for head in 0..g.n_heads {
+                let kvh = head / group;
+                let qh = &q[(t * g.n_heads + head) * hd..][..hd];
+                scores.clear();
+                scores.extend(
+                    (0..len).map(|p| dot(qh, &cache.k[p * kv_stride + kvh * hd..][..hd]) * scale),
+                );
+                softmax(&mut scores);
+                let o = &mut out[(t * g.n_heads + head) * hd..][..hd];
+                for (p, s) in scores.iter().enumerate() {
+                    axpy(o, *s, &cache.v[p * kv_stride + kvh * hd..][..hd]);
+                }
+            }
+        }
+        g.o.forward(&out, n)
+    }
+
+    fn mla(&self, m: &Mla, cache: &mut LayerCache, pos: usize, x: &[f32], n: usize) -> Vec<f32> {
+        let (nh, r, nope, rope, vd) = (m.n_heads, m.kv_lora, m.nope, m.rope, m.v_dim);
+        let qk = nope + rope;
+        let mut q = match &m.q {
+            MlaQuery::Direct(w) => w.forward(x, n),
+            MlaQuery::LowRank { a, norm, b } => {
+                let mut c = a.forward(x, n);
+                rms_norm(&mut c, norm, self.config.rms_eps);
+                b.forward(&c, n)
+            }
+        };
+        let kv = m.kv_a.forward(x, n);
+        for (t, row) in kv.chunks_exact(r + rope).enumerate() {
+            let mut c = row[..r].to_vec();
+            rms_norm(&mut c, &m.kv_a_norm, self.config.rms_eps);
+            cache.k.extend_from_slice(&c);
+            let mut kpe = row[r..].to_vec();
+            self.rope.apply(&mut kpe, pos + t);
+            cache.v.extend_from_slice(&kpe);
+        }
+        let scale = self.softmax_scale_mult / (qk as f32).sqrt();
+        let mut out = vec![0f32; n * nh * vd];
+        let mut q_lat = vec![0f32; r];
+        let mut ctx = vec![0f32; r];
+        let mut scores = Vec::new();
+        for t in 0..n {
+            let len = pos + t + 1;
+            for head in 0..nh {
+                let qh = &mut q[(t * nh + head) * qk..][..qk];
+                self.rope.apply(&mut qh[nope..], pos + t);
+                let kbt = &m.k_b_t[head * r * nope..][..r * nope];
+                for (j, ql) in q_lat.iter_mut().enumerate() {
+                    *ql = dot(&kbt[j * nope..][..nope], &qh[..nope]);
+                }
+                scores.clear();
+                scores.extend((0..len).map(|p| {
+                    (dot(&q_lat, &cache.k[p * r..][..r])
+                        + dot(&qh[nope..], &cache.v[p * rope..][..rope]))
+                        * scale
+                }));
+                softmax(&mut scores);
+                ctx.iter_mut().for_each(|c| *c = 0.0);
+                for (p, s) in scores.iter().enumerate() {
+                    axpy(&mut ctx, *s, &cache.k[p * r..][..r]);
+                }
+                let vb = &m.v_b[head * vd * r..][..vd * r];
+                let o = &mut out[(t * nh + head) * vd..][..vd];
+                for (a, o) in o.iter_mut().enumerate() {
+                    *o = dot(&vb[a * r..][..r], &ctx);
+                }
+            }
+        }
+        m.o.forward(&out, n)
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}

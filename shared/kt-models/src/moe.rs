@@ -1,0 +1,289 @@
+//! Mixture-of-experts: the router (which stays in the layer) and the expert seam.
+//!
+//! The seam is a function: routed experts receive `(layer, hidden states, top-k ids, top-k
+//! weights)` and return the weighted sum of their outputs. [`LocalExperts`] computes it in
+//! process; the expert tier's transports (shared memory, gRPC) implement the same trait.
+
+use kt_core::WeightTensor;
+
+use crate::config::{MoeConfig, RoutedScaling, Scoring, TopkMethod};
+use crate::linear::Linear;
+use crate::ops::{sigmoid, silu, softmax, top_k};
+use crate::ModelError;
+
+/// The top-k choice of experts for a batch of tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    /// Experts per token.
+    pub k: usize,
+    /// `[n × k]` expert ids.
+    pub ids: Vec<u32>,
+    /// `[n × k]` weights of those experts' outputs.
+    pub weights: Vec<f32>,
+}
+
+/// Routed experts as a function of (layer, hidden, ids, weights).
+pub trait Experts: Send + Sync {
+    /// `hidden` holds `n` rows of the model's hidden size; returns `n` rows: for each token the
+    /// sum over its `k` experts of `weight * expert(hidden)`.
+    fn forward(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Chooses experts for each token from the router's logits (`[n × n_experts]`), as the
+/// reference implementation of each architecture does.
+pub fn route(cfg: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) -> Routing {
+    let e = cfg.n_experts;
+    let k = cfg.top_k;
+    let n = logits.len() / e;
+    let mut ids = Vec::with_capacity(n * k);
+    let mut weights = Vec::with_capacity(n * k);
+    for row in logits.chunks_exact(e) {
+        let mut scores = row.to_vec();
+        match cfg.scoring {
+            Scoring::Softmax => softmax(&mut scores),
+            Scoring::Sigmoid => scores.iter_mut().for_each(|s| *s = sigmoid(*s)),
+        }
+        let chosen = match cfg.topk_method {
+            TopkMethod::Greedy => top_k(&scores, k),
+            TopkMethod::GroupLimitedGreedy => {
+                let per = e / cfg.n_group;
+                let group_scores: Vec<f32> = scores
+                    .chunks_exact(per)
+                    .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                    .collect();
+                let masked = mask_groups(&scores, &group_scores, cfg.topk_group, per, 0.0);
+                top_k(&masked, k)
+            }
+            TopkMethod::NoAuxTc => {
+                let per = e / cfg.n_group;
+                let choice: Vec<f32> = match bias {
+                    Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+                    None => scores.clone(),
+                };
+                let group_scores: Vec<f32> = choice
+                    .chunks_exact(per)
+                    .map(|g| top_k(g, 2.min(per)).iter().map(|&i| g[i]).sum())
+                    .collect();
+                let masked =
+                    mask_groups(&choice, &group_scores, cfg.topk_group, per, f32::NEG_INFINITY);
+                top_k(&masked, k)
+            }
+        };
+        let mut w: Vec<f32> = chosen.iter().map(|&i| scores[i]).collect();
+        let normalize = cfg.norm_topk_prob;
+        if normalize {
+            let denom = w.iter().sum::<f32>() + 1e-20;
+            w.iter_mut().for_each(|v| *v /= denom);
+        }
+        if cfg.routed_scaling == RoutedScaling::Always || !normalize {
+            w.iter_mut().for_each(|v| *v *= cfg.routed_scaling_factor);
+        }
+        ids.extend(chosen.iter().map(|&i| i as u32));
+        weights.extend(w);
+    }
+    Routing { k, ids, weights }
+}
+
+/// Scores of experts outside the `keep` best groups set to `fill` (DeepSeek-V2's reference
+/// fills 0.0, which its softmax scores never go below; V3's fills -inf, since its biased
+/// scores can be negative).
+fn mask_groups(
+    scores: &[f32],
+    group_scores: &[f32],
+    keep: usize,
+    per: usize,
+    fill: f32,
+) -> Vec<f32> {
+    let kept = top_k(group_scores, keep);
+    let mut masked = vec![fill; scores.len()];
+    for g in kept {
+        masked[g * per..(g + 1) * per].copy_from_slice(&scores[g * per..(g + 1) * per]);
+    }
+    masked
+}
+
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut g = self.gate.forward(x, n);
+        let u = self.up.forward(x, n);
+        for (g, u) in g.iter_mut().zip(&u) {
+            *g = silu(*g) * u;
+        }
+        self.down.forward(&g, n)
+    }
+}
+
+/// Routed experts held in this process: per MoE layer, one MLP per expert.
+#[derive(Default)]
+pub struct LocalExperts {
+    hidden: usize,
+    layers: Vec<Option<Vec<Mlp>>>,
+}
+
+impl LocalExperts {
+    pub fn new(hidden: usize, layers: Vec<Option<Vec<Mlp>>>) -> Self {
+        Self { hidden, layers }
+    }
+
+    /// Expert `e` of a fused `[experts, out, in]` tensor as a 2-D view (no copy).
+    pub fn slice_expert(
+        t: &WeightTensor,
+        e: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<WeightTensor, ModelError> {
+        let (n_exp, out, inp) = match t.shape[..] {
+            [a, b, c] => (a, b, c),
+            _ => {
+                return Err(ModelError::Shape(format!(
+                    "`{}` has shape {:?}, [experts, out, in] was expected",
+                    t.name, t.shape
+                )))
+            }
+        };
+        if e >= n_exp || rows.end > out {
+            return Err(ModelError::Shape(format!("`{}`: no expert {e} rows {rows:?}", t.name)));
+        }
+        let rb = t.row_bytes();
+        let start = (e * out + rows.start) * rb;
+        let data = t.data.slice(start..start + rows.len() * rb).ok_or_else(|| {
+            ModelError::Shape(format!("`{}`: expert {e} is out of bounds", t.name))
+        })?;
+        WeightTensor::new(format!("{}[{e}]", t.name), t.ty, vec![rows.len(), inp], data)
+            .map_err(|err| ModelError::Shape(err.to_string()))
+    }
+}
+
+impl Experts for LocalExperts {
+    fn forward(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ModelError> {
+        let h = self.hidden;
+        let n = hidden.len() / h;
+        let experts = self.layers.get(layer).and_then(Option::as_ref).ok_or_else(|| {
+            ModelError::Input(format!("layer {layer} has no routed experts here"))
+        })?;
+        let mut out = vec![0f32; n * h];
+        // Experts in id order, each over the tokens routed to it, as the references loop.
+        for (e, mlp) in experts.iter().enumerate() {
+            let mut tokens = Vec::new();
+            let mut ws = Vec::new();
+            for t in 0..n {
+                for j in 0..routing.k {
+                    if routing.ids[t * routing.k + j] as usize == e {
+                        tokens.push(t);
+                        ws.push(routing.weights[t * routing.k + j]);
+                    }
+                }
+            }
+            if tokens.is_empty() {
+                continue;
+            }
+            let x: Vec<f32> =
+                tokens.iter().flat_map(|&t| &hidden[t * h..(t + 1) * h]).copied().collect();
+            let y = mlp.forward(&x, tokens.len());
+            for (i, (&t, w)) in tokens.iter().zip(&ws).enumerate() {
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[i * h..(i + 1) * h]) {
+                    *o += v * w;
+                }
+            }
+        }
+        for (i, &id) in routing.ids.iter().enumerate() {
+            if id as usize >= experts.len() {
+                return Err(ModelError::Input(format!(
+                    "token {} routed to expert {id}, layer {layer} has {}",
+                    i / routing.k,
+                    experts.len()
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(method: TopkMethod, scoring: Scoring) -> MoeConfig {
+        MoeConfig {
+            n_experts: 8,
+            top_k: 2,
+            expert_ff: 4,
+            scoring,
+            topk_method: method,
+            n_group: 4,
+            topk_group: 2,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+            routed_scaling: RoutedScaling::Always,
+            shared_ff: 0,
+            shared_gate: false,
+            first_dense: 0,
+            layer_freq: 1,
+            dense_layers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_best_scores() {
+        let logits = [0.0, 5.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0];
+        let r = route(&cfg(TopkMethod::Greedy, Scoring::Softmax), &logits, None);
+        assert_eq!(r.ids, vec![1, 4]);
+        let mut s = logits.to_vec();
+        softmax(&mut s);
+        assert_eq!(r.weights, vec![s[1], s[4]]);
+    }
+
+    #[test]
+    fn group_limited_keeps_groups_by_max() {
+        // groups {0,1} {2,3} {4,5} {6,7}; maxima 5, 4.5, 4.8, 1 → keep groups 0 and 2.
+        let logits = [5.0, 0.0, 4.5, 4.4, 4.8, 0.0, 1.0, 0.0];
+        let r = route(&cfg(TopkMethod::GroupLimitedGreedy, Scoring::Softmax), &logits, None);
+        assert_eq!(r.ids, vec![0, 4]);
+    }
+
+    #[test]
+    fn noaux_tc_ranks_groups_by_top2_sum_with_bias_but_weights_without() {
+        let logits = [2.0, -2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0];
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0];
+        let mut c = cfg(TopkMethod::NoAuxTc, Scoring::Sigmoid);
+        c.norm_topk_prob = true;
+        c.routed_scaling_factor = 2.5;
+        let r = route(&c, &logits, Some(&bias));
+        // group sums: 1.0+0.12, 0.73*2, 0.5*2, 0.27+5.27 → groups 3 and 1.
+        assert_eq!(r.ids, vec![7, 2]);
+        let (a, b) = (sigmoid(-1.0), sigmoid(1.0));
+        assert!((r.weights[0] - 2.5 * a / (a + b)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn v2_scaling_applies_only_without_normalization() {
+        let mut c = cfg(TopkMethod::Greedy, Scoring::Softmax);
+        c.routed_scaling = RoutedScaling::UnlessNormalized;
+        c.routed_scaling_factor = 2.0;
+        let logits = [1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let scaled = route(&c, &logits, None);
+        c.norm_topk_prob = true;
+        let normed = route(&c, &logits, None);
+        assert!((normed.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let mut s = logits.to_vec();
+        softmax(&mut s);
+        assert!((scaled.weights[0] - 2.0 * s[1]).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,158 @@
+//! kt against the reference implementations, on the tiny random-weight models of
+//! `tests/fixtures/models/` (made by `tests/fixtures/models/generate.py`, which also recorded
+//! the references: transformers for the HF folders, llama.cpp for the GGUF files).
+//!
+//! For every model: greedy tokens must be identical for all recorded steps, and the top-5
+//! logprobs must agree within a tolerance:
+//!
+//! * HF folder vs transformers (both f32): 1e-4, as the issue asks. The only differences are
+//!   f32 summation orders.
+//! * GGUF vs llama.cpp: llama.cpp's CPU backend does not multiply in f32: it converts the
+//!   activations to the weight format's `vec_dot_type` first (f16 for F16 weights, Q8_0 for
+//!   Q8_0/Q4_0/Q5_0, Q8_K for K-quants). kt's default f32 path therefore differs from it by that
+//!   rounding, while `MatmulMode::Ggml` reproduces it. Both are checked:
+//!   - `Ggml` mode: 2e-3 for every format. What remains is summation order and llama.cpp's
+//!     f16 rounding of intermediate results in a few ops (softmax in attention, the f16 copies
+//!     it makes of some activations), which only a bit-level imitation of ggml would remove.
+//!   - `F32` mode: per format, the activation-quantization error llama.cpp adds: F32 1e-3,
+//!     F16 2e-2, Q8_0 5e-2, Q4_K 5e-2 (relative activation error ~2^-11 for f16, ~1/254 per
+//!     block for Q8_0/Q8_K, amplified through two layers into logits of magnitude ~10).
+//!   Greedy tokens must match in both modes.
+
+use std::path::{Path, PathBuf};
+
+use kt_models::{generate, GenerateParams, MatmulMode};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Reference {
+    prompt_tokens: Vec<u32>,
+    tokens: Vec<RefToken>,
+}
+
+#[derive(Deserialize)]
+struct RefToken {
+    id: u32,
+    logprob: f64,
+    top_logprobs: Vec<RefLogprob>,
+}
+
+#[derive(Deserialize)]
+struct RefLogprob {
+    id: u32,
+    logprob: f64,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+}
+
+/// Runs kt on `weights` (and `gguf`, when paired) and compares with `reference`.
+fn check(
+    model: &str,
+    weights: &str,
+    gguf: Option<&str>,
+    reference: &str,
+    mode: MatmulMode,
+    tol: f64,
+) {
+    let dir = fixtures().join(model);
+    let ref_path = dir.join("reference").join(reference);
+    let r: Reference = serde_json::from_slice(
+        &std::fs::read(&ref_path).unwrap_or_else(|e| panic!("{}: {e}", ref_path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", ref_path.display()));
+    let gguf_path = gguf.map(|g| dir.join(g));
+    let loaded = kt_models::load(&dir.join(weights), gguf_path.as_deref(), mode)
+        .unwrap_or_else(|e| panic!("{model}/{weights}: {e}"));
+    let params = GenerateParams {
+        max_tokens: r.tokens.len(),
+        top_logprobs: 8,
+        stop_ids: vec![],
+        ..Default::default()
+    };
+    let got = generate(&loaded.model, &r.prompt_tokens, &params, |_| {})
+        .unwrap_or_else(|e| panic!("{model}/{weights}: {e}"));
+    let mut worst = 0f64;
+    for (step, (want, have)) in r.tokens.iter().zip(&got.tokens).enumerate() {
+        let ids_want: Vec<u32> = r.tokens.iter().map(|t| t.id).collect();
+        let ids_have: Vec<u32> = got.tokens.iter().map(|t| t.id).collect();
+        assert_eq!(
+            want.id, have.id,
+            "{model}/{weights} vs {reference} ({mode:?}): token {step} differs\n want {ids_want:?}\n have {ids_have:?}"
+        );
+        worst = worst.max((want.logprob - have.logprob).abs());
+        for alt in &want.top_logprobs {
+            let Some(mine) = have.top_logprobs.iter().find(|t| t.id == alt.id) else {
+                panic!(
+                    "{model}/{weights} vs {reference} ({mode:?}) step {step}: reference top \
+                     token {} (logprob {}) is not among kt's top 8",
+                    alt.id, alt.logprob
+                );
+            };
+            worst = worst.max((mine.logprob - alt.logprob).abs());
+        }
+    }
+    assert_eq!(got.tokens.len(), r.tokens.len());
+    assert!(
+        worst <= tol,
+        "{model}/{weights} vs {reference} ({mode:?}): max |logprob diff| {worst:.3e} > {tol:.0e}"
+    );
+    eprintln!("{model}/{weights} vs {reference} ({mode:?}): max |logprob diff| {worst:.3e}");
+}
+
+macro_rules! reference_tests {
+    ($($name:ident => $model:literal),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn hf_matches_transformers() {
+                    check($model, "hf", None, "hf.json", MatmulMode::F32, 1e-4);
+                }
+
+                #[test]
+                fn gguf_f32_matches_llama_cpp() {
+                    check($model, "gguf/f32.gguf", None, "gguf-f32.json", MatmulMode::Ggml, 2e-3);
+                    check($model, "gguf/f32.gguf", None, "gguf-f32.json", MatmulMode::F32, 1e-3);
+                }
+
+                #[test]
+                fn gguf_f16_matches_llama_cpp() {
+                    check($model, "gguf/f16.gguf", None, "gguf-f16.json", MatmulMode::Ggml, 2e-3);
+                    check($model, "gguf/f16.gguf", None, "gguf-f16.json", MatmulMode::F32, 2e-2);
+                }
+
+                #[test]
+                fn gguf_q8_0_matches_llama_cpp() {
+                    check($model, "gguf/q8_0.gguf", None, "gguf-q8_0.json", MatmulMode::Ggml, 2e-3);
+                    check($model, "gguf/q8_0.gguf", None, "gguf-q8_0.json", MatmulMode::F32, 5e-2);
+                }
+
+                #[test]
+                fn gguf_q4_k_matches_llama_cpp() {
+                    check($model, "gguf/q4_k.gguf", None, "gguf-q4_k.json", MatmulMode::Ggml, 2e-3);
+                    check($model, "gguf/q4_k.gguf", None, "gguf-q4_k.json", MatmulMode::F32, 5e-2);
+                }
+
+                #[test]
+                fn hf_config_with_gguf_weights_matches_llama_cpp() {
+                    check($model, "hf", Some("gguf/f32.gguf"), "gguf-f32.json", MatmulMode::F32, 1e-3);
+                }
+            }
+        )*
+    };
+}
+
+reference_tests! {
+    llama => "llama",
+    qwen2 => "qwen2",
+    mixtral => "mixtral",
+    qwen2moe => "qwen2moe",
+    qwen3moe => "qwen3moe",
+    deepseek2_lite => "deepseek2-lite",
+    deepseek2_group => "deepseek2-group",
+    deepseek3 => "deepseek3",
+    deepseek3_nolora => "deepseek3-nolora",
+}
