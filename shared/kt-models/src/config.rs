@@ -290,7 +290,8 @@ impl ModelConfig {
                     }
                 };
                 Some(MoeConfig {
-                    n_experts: h.usize("num_experts")?,
+                    // transformers 5 writes `num_local_experts`; checkpoints carry `num_experts`.
+                    n_experts: h.usize_any(&["num_experts", "num_local_experts"])?,
                     top_k: h.usize("num_experts_per_tok")?,
                     expert_ff: h.usize("moe_intermediate_size")?,
                     scoring: Scoring::Softmax,
@@ -337,7 +338,7 @@ impl ModelConfig {
                 let n_shared = h.opt_usize("n_shared_experts")?.unwrap_or(0);
                 let expert_ff = h.usize("moe_intermediate_size")?;
                 Some(MoeConfig {
-                    n_experts: h.usize("n_routed_experts")?,
+                    n_experts: h.usize_any(&["n_routed_experts", "num_local_experts"])?,
                     top_k: h.usize("num_experts_per_tok")?,
                     expert_ff,
                     scoring,
@@ -651,6 +652,16 @@ impl HfReader<'_> {
     fn usize(&self, key: &str) -> Result<usize, ModelError> {
         self.opt_usize(key)?
             .ok_or_else(|| ModelError::Config(format!("config.json: missing `{key}`")))
+    }
+
+    /// The first of `keys` present (names that differ between checkpoints and transformers).
+    fn usize_any(&self, keys: &[&str]) -> Result<usize, ModelError> {
+        for k in keys {
+            if let Some(v) = self.opt_usize(k)? {
+                return Ok(v);
+            }
+        }
+        Err(ModelError::Config(format!("config.json: missing `{}`", keys.join("` or `"))))
     }
 
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
