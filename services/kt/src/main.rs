@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kt_models::{generate, GenerateParams, Generation, LoadedModel, MatmulMode};
+use kt_tokenize::Tokenizer;
 
 mod embedded;
 
@@ -21,6 +22,31 @@ struct Cli {
 enum Command {
     /// Generate tokens from a prompt (the scriptable entry point).
     Generate(GenerateArgs),
+    /// Turn text into token ids, or ids back into text, with a model's tokenizer.
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// HF folder, GGUF file (a vocab-only one is enough), or folder of GGUF files. Without it,
+    /// the embedded default model's tokenizer.
+    #[arg(long, env = "KT_MODEL")]
+    model: Option<PathBuf>,
+    #[arg(long, conflicts_with_all = ["file", "decode"])]
+    text: Option<String>,
+    /// Read the text from a file.
+    #[arg(long, conflicts_with = "decode")]
+    file: Option<PathBuf>,
+    /// Comma-separated ids to turn back into text.
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<u32>>,
+    /// Print JSON (`{"ids": [..]}` or `{"text": ".."}`).
+    #[arg(long)]
+    json: bool,
+    /// Encoding: add no BOS/EOS and treat special-token text as plain text. Decoding: leave
+    /// special tokens out.
+    #[arg(long)]
+    no_special: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,7 +108,47 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
+        Command::Tokenize(args) => run_tokenize(args),
     }
+}
+
+/// The tokenizer that goes with the model at `path` (the embedded model's without one).
+fn tokenizer_for(path: Option<&std::path::Path>) -> Result<Tokenizer> {
+    match path {
+        Some(p) => Tokenizer::for_model_path(p)
+            .with_context(|| format!("reading the tokenizer of {}", p.display())),
+        None => embedded::tokenizer(),
+    }
+}
+
+fn run_tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok = tokenizer_for(a.model.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    if let Some(ids) = &a.decode {
+        let text = tok.decode(ids, a.no_special)?;
+        if a.json {
+            writeln!(out, "{}", serde_json::json!({ "text": text }))?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+        return Ok(());
+    }
+    let text = match (&a.text, &a.file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        (None, None) => bail!("give --text, --file or --decode"),
+    };
+    let special = !a.no_special;
+    let ids = tok.encode_with(&text, special, special)?;
+    if a.json {
+        writeln!(out, "{}", serde_json::json!({ "ids": ids }))?;
+    } else {
+        let shown: Vec<String> = ids.iter().map(u32::to_string).collect();
+        writeln!(out, "{}", shown.join(" "))?;
+    }
+    Ok(())
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -102,13 +168,28 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let load_s = t0.elapsed().as_secs_f64();
-    let prompt = match (&a.prompt_tokens, &a.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(_)) => {
-            bail!("--prompt needs a tokenizer, which kt does not have yet; pass --prompt-tokens")
-        }
-        (None, None) => bail!("give --prompt or --prompt-tokens"),
+    // Text needs the tokenizer; with --prompt-tokens it is optional (no text then).
+    let tokenizer = match &a.prompt {
+        Some(_) => Some(tokenizer_for(a.model.as_deref())?),
+        None => match tokenizer_for(a.model.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::info!("no tokenizer, output text will be empty: {e:#}");
+                None
+            }
+        },
     };
+    let prompt = match (&a.prompt_tokens, &a.prompt, &tokenizer) {
+        (Some(ids), _, _) => ids.clone(),
+        (None, Some(text), Some(tok)) => tok.encode(text, true)?,
+        _ => bail!("give --prompt or --prompt-tokens"),
+    };
+    let mut stop_ids = loaded.eos_ids.clone();
+    if let Some(tok) = &tokenizer {
+        stop_ids.extend(tok.eog_ids());
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -116,23 +197,42 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         seed: a.seed,
         top_logprobs: a.top_logprobs,
-        stop_ids: if a.ignore_eos { Vec::new() } else { loaded.eos_ids.clone() },
+        stop_ids: if a.ignore_eos { Vec::new() } else { stop_ids },
     };
     let t1 = Instant::now();
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let mut first = true;
+    let mut stream = tokenizer.as_ref().map(|t| t.stream_decoder(true));
     let gen: Generation = generate(&loaded.model, &prompt, &params, |t| {
-        if !json {
-            let _ = write!(stdout, "{}{}", if first { "" } else { " " }, t.id);
-            let _ = stdout.flush();
-            first = false;
+        if json {
+            return;
         }
+        // Stream text when there is a tokenizer, ids otherwise.
+        let piece = match stream.as_mut() {
+            Some(s) => s.push(t.id).ok().flatten().unwrap_or_default(),
+            None => format!("{}{}", if first { "" } else { " " }, t.id),
+        };
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+        first = false;
     })?;
+    if let Some(s) = stream.as_mut() {
+        if !json {
+            write!(stdout, "{}", s.finish())?;
+        }
+    }
+    let text = match &tokenizer {
+        Some(tok) => {
+            let ids: Vec<u32> = gen.tokens.iter().map(|t| t.id).collect();
+            tok.decode(&ids, true)?
+        }
+        None => String::new(),
+    };
     let gen_s = t1.elapsed().as_secs_f64();
     if json {
         let mut v = serde_json::to_value(&gen)?;
-        v["text"] = serde_json::Value::String(String::new());
+        v["text"] = serde_json::Value::String(text);
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
         writeln!(stdout)?;

@@ -173,6 +173,18 @@ impl ModelConfig {
         }
     }
 
+    /// Where llama.cpp computes a model differently from its reference implementation, makes
+    /// this config compute what llama.cpp does (used with `MatmulMode::Ggml`, whose purpose is
+    /// reproducing llama.cpp). Today one difference: llama.cpp ranks DeepSeek-V2's expert groups
+    /// by the sum of their top-2 scores, as V3 does, where DeepSeek-V2's reference takes the max.
+    pub fn imitate_llama_cpp(&mut self) {
+        if let Some(m) = &mut self.moe {
+            if m.topk_method == TopkMethod::GroupLimitedGreedy {
+                m.topk_method = TopkMethod::NoAuxTc;
+            }
+        }
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf(cfg: &Json) -> Result<Self, ModelError> {
         let h = HfReader(cfg);

@@ -12,9 +12,10 @@ pub enum MatmulMode {
     /// Weights dequantized block by block and dotted with f32 activations: the exact reference.
     #[default]
     F32,
-    /// As ggml's CPU backend does: activations converted to the weight format's `vec_dot_type`
-    /// (f16 for F16, Q8_0 for Q4_0/Q8_0, Q8_K for K-quants, ...) and dotted with integer
-    /// arithmetic. Reproduces llama.cpp's rounding, for comparing against it.
+    /// As ggml's CPU backend does on x86: activations converted to the weight format's
+    /// `vec_dot_type` (f16 for F16, Q8_0 for Q4_0/Q8_0, Q8_K for K-quants, ...) with ggml's
+    /// x86 quantizers and dotted with integer arithmetic. Reproduces llama.cpp's rounding, for
+    /// comparing against it.
     Ggml,
 }
 
@@ -24,8 +25,8 @@ pub struct Linear {
     w: WeightTensor,
     bias: Option<Vec<f32>>,
     kernels: &'static Kernels,
-    /// In `MatmulMode::Ggml`: the kernels of the activations' format and its row size.
-    act: Option<&'static Kernels>,
+    /// In `MatmulMode::Ggml`: the activation quantizer ggml uses on x86, and its row size.
+    act: Option<kt_quant::kernels::QuantizeFn>,
     act_row_bytes: usize,
 }
 
@@ -64,7 +65,7 @@ impl Linear {
             MatmulMode::F32 => (None, 0),
             MatmulMode::Ggml => {
                 let vt = kernels.vec_dot_type;
-                let act = kt_quant::kernels(vt).ok_or_else(|| {
+                let act = kt_quant::ggml_x86_quantize(vt).ok_or_else(|| {
                     ModelError::Unsupported(format!("no kernels for activations in {vt}"))
                 })?;
                 let qrb = vt.row_bytes(w.shape[1]).ok_or_else(|| {
@@ -102,7 +103,7 @@ impl Linear {
             let qrb = self.act_row_bytes;
             let mut q = vec![0u8; qrb * n];
             for (row, out) in x.chunks_exact(d_in).zip(q.chunks_exact_mut(qrb)) {
-                (act.quantize)(row, out);
+                act(row, out);
             }
             (q, qrb)
         });

@@ -80,6 +80,9 @@ pub fn load(path: &Path, gguf: Option<&Path>, mode: MatmulMode) -> Result<Loaded
 /// Builds a model from an opened GGUF model (a file, a split set, or bytes in memory).
 pub fn load_gguf(g: GgufModel, path: &Path, mode: MatmulMode) -> Result<LoadedModel, ModelError> {
     let mut cfg = ModelConfig::from_gguf(g.metadata())?;
+    if mode == MatmulMode::Ggml {
+        cfg.imitate_llama_cpp();
+    }
     cfg.tie_embeddings = !g.contains("output.weight");
     let model = Model::load(cfg, &g, Scheme::Gguf, mode)?;
     let eos_ids = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]

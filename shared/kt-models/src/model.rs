@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kt_core::WeightTensor;
+use kt_core::{GgmlType, SharedBytes, WeightTensor};
 use kt_formats::TensorSource;
 
 use crate::config::{AttentionConfig, ModelConfig, RopeScaling};
@@ -33,10 +33,10 @@ struct Mla {
     q: MlaQuery,
     kv_a: Linear,
     kv_a_norm: Vec<f32>,
-    /// `[heads][kv_lora][nope]`: maps a head's no-RoPE query into the latent space.
-    k_b_t: Vec<f32>,
-    /// `[heads][v_dim][kv_lora]`: maps the attended latent to the head's value.
-    v_b: Vec<f32>,
+    /// Per head, `[kv_lora, nope]`: maps the head's no-RoPE query into the latent space.
+    k_b_t: Vec<Linear>,
+    /// Per head, `[v_dim, kv_lora]`: maps the attended latent to the head's value.
+    v_b: Vec<Linear>,
     o: Linear,
     n_heads: usize,
     kv_lora: usize,
@@ -285,30 +285,42 @@ impl Model {
                         b: ld.linear(s.layer(l, T::QB), qd, r)?,
                     },
                 };
-                let mut k_b_t = vec![0f32; n_heads * kv_lora_rank * nope];
-                let mut v_b = vec![0f32; n_heads * v_dim * kv_lora_rank];
-                if let Some(kv_b) =
+                // llama.cpp's converter stores kv_b already split (k_b transposed per head);
+                // HF checkpoints store kv_b whole, which is split here the same way.
+                let (k_b_t, v_b) = if let Some(kv_b) =
                     ld.opt(s.layer(l, T::KvB), &[n_heads * (nope + v_dim), kv_lora_rank])?
                 {
                     let w = to_f32(&kv_b)?;
                     let per = (nope + v_dim) * kv_lora_rank;
+                    let mut k_b_t = Vec::with_capacity(n_heads);
+                    let mut v_b = Vec::with_capacity(n_heads);
                     for hd in 0..n_heads {
                         let head = &w[hd * per..(hd + 1) * per];
+                        let mut kt = vec![0f32; kv_lora_rank * nope];
                         for i in 0..nope {
                             for j in 0..kv_lora_rank {
-                                k_b_t[(hd * kv_lora_rank + j) * nope + i] =
-                                    head[i * kv_lora_rank + j];
+                                kt[j * nope + i] = head[i * kv_lora_rank + j];
                             }
                         }
-                        v_b[hd * v_dim * kv_lora_rank..(hd + 1) * v_dim * kv_lora_rank]
-                            .copy_from_slice(&head[nope * kv_lora_rank..]);
+                        let name = |part: &str| format!("{}[{part} head {hd}]", kv_b.name);
+                        k_b_t.push(f32_linear(name("k"), kt, kv_lora_rank, nope, ld.mode)?);
+                        let vb = head[nope * kv_lora_rank..].to_vec();
+                        v_b.push(f32_linear(name("v"), vb, v_dim, kv_lora_rank, ld.mode)?);
                     }
+                    (k_b_t, v_b)
                 } else {
                     let kb = ld.get(s.layer(l, T::KB), &[n_heads, kv_lora_rank, nope])?;
                     let vb = ld.get(s.layer(l, T::VB), &[n_heads, v_dim, kv_lora_rank])?;
-                    k_b_t = to_f32(&kb)?;
-                    v_b = to_f32(&vb)?;
-                }
+                    let per_head = |t: &WeightTensor, rows: usize| {
+                        (0..n_heads)
+                            .map(|hd| {
+                                let w = LocalExperts::slice_expert(t, hd, 0..rows)?;
+                                Linear::new(w, None, ld.mode)
+                            })
+                            .collect::<Result<Vec<_>, ModelError>>()
+                    };
+                    (per_head(&kb, kv_lora_rank)?, per_head(&vb, v_dim)?)
+                };
                 Ok(Attention::Mla(Mla {
                     q,
                     kv_a: ld.linear(s.layer(l, T::KvAMqa), kv_lora_rank + rope, h)?,
@@ -524,39 +536,64 @@ impl Model {
             cache.v.extend_from_slice(&kpe);
         }
         let scale = self.softmax_scale_mult / (qk as f32).sqrt();
-        let mut out = vec![0f32; n * nh * vd];
-        let mut q_lat = vec![0f32; r];
-        let mut ctx = vec![0f32; r];
+        // Absorb k_b into the queries, head by head for all tokens: q_lat = k_b^T q_nope.
+        let mut q_lat = vec![0f32; n * nh * r];
+        let mut q_nope = vec![0f32; n * nope];
+        for head in 0..nh {
+            for t in 0..n {
+                let qh = &mut q[(t * nh + head) * qk..][..qk];
+                self.rope.apply(&mut qh[nope..], pos + t);
+                q_nope[t * nope..(t + 1) * nope].copy_from_slice(&qh[..nope]);
+            }
+            let lat = m.k_b_t[head].forward(&q_nope, n);
+            for t in 0..n {
+                q_lat[(t * nh + head) * r..][..r].copy_from_slice(&lat[t * r..(t + 1) * r]);
+            }
+        }
+        // Attention over the cached latents and shared RoPE keys; ctx is in latent space.
+        let mut ctx = vec![0f32; nh * n * r];
         let mut scores = Vec::new();
         for t in 0..n {
             let len = pos + t + 1;
             for head in 0..nh {
-                let qh = &mut q[(t * nh + head) * qk..][..qk];
-                self.rope.apply(&mut qh[nope..], pos + t);
-                let kbt = &m.k_b_t[head * r * nope..][..r * nope];
-                for (j, ql) in q_lat.iter_mut().enumerate() {
-                    *ql = dot(&kbt[j * nope..][..nope], &qh[..nope]);
-                }
+                let ql = &q_lat[(t * nh + head) * r..][..r];
+                let qpe = &q[(t * nh + head) * qk + nope..][..rope];
                 scores.clear();
                 scores.extend((0..len).map(|p| {
-                    (dot(&q_lat, &cache.k[p * r..][..r])
-                        + dot(&qh[nope..], &cache.v[p * rope..][..rope]))
+                    (dot(ql, &cache.k[p * r..][..r]) + dot(qpe, &cache.v[p * rope..][..rope]))
                         * scale
                 }));
                 softmax(&mut scores);
-                ctx.iter_mut().for_each(|c| *c = 0.0);
+                let c = &mut ctx[(head * n + t) * r..][..r];
                 for (p, s) in scores.iter().enumerate() {
-                    axpy(&mut ctx, *s, &cache.k[p * r..][..r]);
+                    axpy(c, *s, &cache.k[p * r..][..r]);
                 }
-                let vb = &m.v_b[head * vd * r..][..vd * r];
-                let o = &mut out[(t * nh + head) * vd..][..vd];
-                for (a, o) in o.iter_mut().enumerate() {
-                    *o = dot(&vb[a * r..][..r], &ctx);
-                }
+            }
+        }
+        // Expand each head's latent context to its value: v = v_b ctx.
+        let mut out = vec![0f32; n * nh * vd];
+        for head in 0..nh {
+            let v = m.v_b[head].forward(&ctx[head * n * r..(head + 1) * n * r], n);
+            for t in 0..n {
+                out[(t * nh + head) * vd..][..vd].copy_from_slice(&v[t * vd..(t + 1) * vd]);
             }
         }
         m.o.forward(&out, n)
     }
+}
+
+/// A matrix built from f32 values (the HF kv_b split per head).
+fn f32_linear(
+    name: String,
+    values: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    mode: MatmulMode,
+) -> Result<Linear, ModelError> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let w = WeightTensor::new(name, GgmlType::F32, vec![rows, cols], SharedBytes::new(bytes))
+        .map_err(|e| ModelError::Shape(e.to_string()))?;
+    Linear::new(w, None, mode)
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

@@ -34,6 +34,17 @@ pub use blocks::Block;
 pub use error::QuantError;
 pub use kernels::{kernels, scalar_kernels, Kernels};
 
+/// Activation quantizer for `ty` (a `vec_dot_type`) as llama.cpp's CPU backend runs it on
+/// x86, for reproducing llama.cpp's numbers: its SIMD Q8_0/Q8_1 quantizers round differently
+/// from the reference ones (`quantize_row`), while its Q8_K, F16 and BF16 ones do not.
+pub fn ggml_x86_quantize(ty: GgmlType) -> Option<kernels::QuantizeFn> {
+    match ty {
+        GgmlType::Q8_0 => Some(kernels::scalar::quantize_q8_0_x86),
+        GgmlType::Q8_1 => Some(kernels::scalar::quantize_q8_1_x86),
+        _ => kernels(ty).map(|k| k.quantize),
+    }
+}
+
 use kt_core::GgmlType;
 
 /// Result of the checked entry points.

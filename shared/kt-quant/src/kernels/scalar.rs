@@ -509,6 +509,42 @@ pub(crate) fn quantize_q8_1(x: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Q8_0 as ggml's x86 SIMD `quantize_row_q8_0` (AVX/AVX2/AVX-512) computes it, which is what
+/// llama.cpp uses on x86 instead of the reference: the inverse scale is `127 / amax` rather
+/// than `1 / d`, and ties round to even rather than away from zero.
+pub(crate) fn quantize_q8_0_x86(x: &[f32], dst: &mut [u8]) {
+    for (x, out) in x.chunks_exact(QK).zip(dst.chunks_exact_mut(BlockQ8_0::BYTES)) {
+        let (d, id) = q8_scale_x86(x);
+        let mut b = BlockQ8_0 { d: f16::from_f32(d), qs: [0; QK] };
+        for (q, v) in b.qs.iter_mut().zip(x) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+        let _ = b.write(out);
+    }
+}
+
+/// Q8_1 as ggml's x86 SIMD `quantize_row_q8_1` computes it (see [`quantize_q8_0_x86`]).
+pub(crate) fn quantize_q8_1_x86(x: &[f32], dst: &mut [u8]) {
+    for (x, out) in x.chunks_exact(QK).zip(dst.chunks_exact_mut(BlockQ8_1::BYTES)) {
+        let (d, id) = q8_scale_x86(x);
+        let mut b = BlockQ8_1 { d: f16::from_f32(d), s: f16::ZERO, qs: [0; QK] };
+        let mut sum = 0i32;
+        for (q, v) in b.qs.iter_mut().zip(x) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        b.s = f16::from_f32(d * sum as f32);
+        let _ = b.write(out);
+    }
+}
+
+#[inline(always)]
+fn q8_scale_x86(x: &[f32]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| c_max(m, v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    (amax / 127.0, id)
+}
+
 pub(crate) fn quantize_q8_k(x: &[f32], dst: &mut [u8]) {
     for (x, out) in x.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BlockQ8_K::BYTES)) {
         let mut b = BlockQ8_K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
@@ -835,6 +871,20 @@ pub(crate) fn vec_dot_iq4_xs_q8_k(w: &[u8], a: &[u8]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn x86_q8_0_differs_from_the_reference_only_in_rounding() {
+        // 0.5 * 127/127 ties: the reference rounds away from zero, x86 to even.
+        let mut x = [0f32; QK];
+        x[0] = 127.0;
+        x[1] = 0.5;
+        x[2] = -2.5;
+        let (mut r, mut v) = ([0u8; 34], [0u8; 34]);
+        quantize_q8_0(&x, &mut r);
+        quantize_q8_0_x86(&x, &mut v);
+        assert_eq!((r[2] as i8, r[3] as i8, r[4] as i8), (127, 1, -3));
+        assert_eq!((v[2] as i8, v[3] as i8, v[4] as i8), (127, 0, -2));
+    }
 
     #[test]
     fn nearest_int_rounds_half_to_even() {
