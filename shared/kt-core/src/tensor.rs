@@ -49,7 +49,7 @@ impl WeightTensor {
     /// blocks. Computed in u128 so that hostile shapes cannot overflow.
     pub fn byte_len(ty: GgmlType, shape: &[usize]) -> Option<u128> {
         let ne0 = shape.last().copied().unwrap_or(1);
-        if ne0 % ty.block_size() != 0 {
+        if !ne0.is_multiple_of(ty.block_size()) {
             return None;
         }
         let rows: u128 = shape[..shape.len().saturating_sub(1)].iter().map(|&d| d as u128).product();

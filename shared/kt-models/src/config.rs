@@ -167,7 +167,7 @@ impl ModelConfig {
             None => false,
             Some(m) => {
                 layer >= m.first_dense
-                    && (layer - m.first_dense) % m.layer_freq.max(1) == 0
+                    && (layer - m.first_dense).is_multiple_of(m.layer_freq.max(1))
                     && !m.dense_layers.contains(&layer)
             }
         }
@@ -600,7 +600,7 @@ impl ModelConfig {
                         "{n_heads} attention heads cannot be grouped over {n_kv_heads} KV heads"
                     )));
                 }
-                if *head_dim == 0 || self.rope.dim > *head_dim || self.rope.dim % 2 != 0 {
+                if *head_dim == 0 || self.rope.dim > *head_dim || !self.rope.dim.is_multiple_of(2) {
                     return Err(ModelError::Config(format!(
                         "rope dimension {} does not fit head dimension {head_dim}",
                         self.rope.dim
@@ -608,7 +608,7 @@ impl ModelConfig {
                 }
             }
             AttentionConfig::Mla { n_heads, kv_lora_rank, qk_rope_head_dim, .. } => {
-                if *n_heads == 0 || *kv_lora_rank == 0 || *qk_rope_head_dim % 2 != 0 {
+                if *n_heads == 0 || *kv_lora_rank == 0 || !qk_rope_head_dim.is_multiple_of(2) {
                     return Err(ModelError::Config("invalid MLA dimensions".into()));
                 }
             }
@@ -620,7 +620,7 @@ impl ModelConfig {
                     m.top_k, m.n_experts
                 )));
             }
-            if m.n_experts % m.n_group != 0 || m.topk_group > m.n_group {
+            if !m.n_experts.is_multiple_of(m.n_group) || m.topk_group > m.n_group {
                 return Err(ModelError::Config(format!(
                     "{} experts cannot form {} groups of which {} are used",
                     m.n_experts, m.n_group, m.topk_group

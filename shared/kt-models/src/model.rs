@@ -66,6 +66,8 @@ struct MoeBlock {
 }
 
 #[derive(Debug)]
+// One per layer, built once: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Ffn {
     Dense(Mlp),
     Moe(MoeBlock),
@@ -155,7 +157,7 @@ impl Loader<'_> {
 
     fn get(&self, names: Vec<String>, shape: &[usize]) -> Result<WeightTensor, ModelError> {
         let shown = names.join("` or `");
-        self.opt(names, shape)?.ok_or_else(|| ModelError::MissingTensor(shown))
+        self.opt(names, shape)?.ok_or(ModelError::MissingTensor(shown))
     }
 
     fn vec(&self, names: Vec<String>, len: usize) -> Result<Vec<f32>, ModelError> {

@@ -2,6 +2,8 @@
 //! models built in memory: prefill in one batch equals feeding tokens one by one (KV cache and
 //! batching are right), quantized weights stay close to f32, and broken models are errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kt_core::{GgmlType, SharedBytes};
 use kt_formats::gguf::writer::GgufWriter;
 use kt_formats::{GgufFile, GgufModel};
