@@ -4,7 +4,9 @@ use crate::{GgmlType, SharedBytes};
 pub enum TensorError {
     #[error("tensor `{name}`: shape {shape:?} has {ne0} elements per row, not a whole number of {ty} blocks of {block}")]
     PartialBlock { name: String, shape: Vec<usize>, ne0: usize, ty: GgmlType, block: usize },
-    #[error("tensor `{name}`: shape {shape:?} of type {ty} needs {need} bytes, the data has {have}")]
+    #[error(
+        "tensor `{name}`: shape {shape:?} of type {ty} needs {need} bytes, the data has {have}"
+    )]
     SizeMismatch { name: String, shape: Vec<usize>, ty: GgmlType, need: u128, have: usize },
 }
 
@@ -31,13 +33,7 @@ impl WeightTensor {
         let need = Self::byte_len(ty, &shape);
         let Some(need) = need else {
             let ne0 = shape.last().copied().unwrap_or(1);
-            return Err(TensorError::PartialBlock {
-                name,
-                shape,
-                ne0,
-                ty,
-                block: ty.block_size(),
-            });
+            return Err(TensorError::PartialBlock { name, shape, ne0, ty, block: ty.block_size() });
         };
         if need != data.len() as u128 {
             return Err(TensorError::SizeMismatch { name, shape, ty, need, have: data.len() });
@@ -52,7 +48,8 @@ impl WeightTensor {
         if !ne0.is_multiple_of(ty.block_size()) {
             return None;
         }
-        let rows: u128 = shape[..shape.len().saturating_sub(1)].iter().map(|&d| d as u128).product();
+        let rows: u128 =
+            shape[..shape.len().saturating_sub(1)].iter().map(|&d| d as u128).product();
         let row = (ne0 / ty.block_size()) as u128 * ty.type_size() as u128;
         rows.checked_mul(row)
     }
