@@ -142,24 +142,41 @@ pub fn softmax(cands: &[Candidate]) -> Vec<f64> {
     w
 }
 
+/// Candidates sorted first when [`top_p`] tries a partial sort (the nucleus is usually far
+/// smaller than the vocabulary, so sorting all of it is wasted work).
+const TOP_P_PREFIX: usize = 1024;
+
 /// Nucleus filter: sorts by logit descending and keeps the shortest prefix whose probability
 /// reaches `p` (the token that crosses `p` is kept); `p >= 1` disables.
 pub fn top_p(cands: &mut Vec<Candidate>, p: f32) {
     if p >= 1.0 || cands.len() <= 1 {
         return;
     }
-    cands.sort_unstable_by(by_logit_desc);
-    let (w, total) = weights(cands);
+    let (_, total) = weights(cands);
     let threshold = p as f64 * total;
-    let mut cum = 0.0;
-    let mut keep = cands.len();
-    for (i, x) in w.iter().enumerate() {
-        cum += x;
-        if cum >= threshold {
-            keep = i + 1;
-            break;
+    let max = cands.iter().map(|c| c.logit).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let prefix_len = |sorted: &[Candidate]| {
+        let mut cum = 0.0;
+        for (i, c) in sorted.iter().enumerate() {
+            cum += (c.logit as f64 - max).exp();
+            if cum >= threshold {
+                return Some(i + 1);
+            }
+        }
+        None
+    };
+    // Fast path: sort only the best TOP_P_PREFIX; the prefix of the full order is the same.
+    if cands.len() > 2 * TOP_P_PREFIX {
+        cands.select_nth_unstable_by(TOP_P_PREFIX - 1, by_logit_desc);
+        cands[..TOP_P_PREFIX].sort_unstable_by(by_logit_desc);
+        if let Some(keep) = prefix_len(&cands[..TOP_P_PREFIX]) {
+            cands.truncate(keep);
+            return;
         }
     }
+    cands.sort_unstable_by(by_logit_desc);
+    // Rounding can leave the sum just short of the threshold: keep everything then.
+    let keep = prefix_len(cands).unwrap_or(cands.len());
     cands.truncate(keep.max(1));
 }
 

@@ -273,6 +273,23 @@ fn top_p_kept_set_matches_reference() {
 }
 
 #[test]
+fn top_p_large_vocab_partial_sort_matches_reference() {
+    for seed in 0..4 {
+        let logits = random_logits(100 + seed, 5000, false);
+        // Small p ends inside the partially sorted prefix, large p needs the full sort.
+        for p in [0.1, 0.5, 0.9, 0.999] {
+            let mut c = candidates(&logits);
+            top_p(&mut c, p);
+            let kept: Vec<(u32, f32)> =
+                logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+            let want: Vec<u32> = ref_top_p(kept, p).iter().map(|k| k.0).collect();
+            let got: Vec<u32> = c.iter().map(|c| c.id).collect();
+            assert_eq!(got, want, "seed {seed} p {p}: sorted, same set");
+        }
+    }
+}
+
+#[test]
 fn min_p_kept_set_matches_reference() {
     for seed in 0..200 {
         let logits = random_logits(seed, 24, false);
