@@ -1,14 +1,17 @@
 //! `kt`: the command line around kt's engine.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kt_models::{generate, GenerateParams, Generation, LoadedModel, MatmulMode};
+use kt_chat_template::{ChatRequest, ChatTemplate, TemplateError};
+use kt_models::{generate, GenerateParams, Generation, LoadedModel, MatmulMode, ModelSource};
+use kt_sample::{Sampler, SamplingParams, StopChecker};
 use kt_tokenize::Tokenizer;
 
+mod chat;
 mod embedded;
 
 #[derive(Parser)]
@@ -22,8 +25,112 @@ struct Cli {
 enum Command {
     /// Generate tokens from a prompt (the scriptable entry point).
     Generate(GenerateArgs),
+    /// Talk to a model in the terminal, turn after turn.
+    Chat(chat::ChatArgs),
     /// Turn text into token ids, or ids back into text, with a model's tokenizer.
     Tokenize(TokenizeArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Matmul {
+    /// Exact f32 products against dequantized weights (the reference).
+    F32,
+    /// As llama.cpp's CPU backend computes on x86 (to reproduce its numbers).
+    Ggml,
+}
+
+/// Which model to run.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// HF folder, GGUF file, or folder of GGUF files. Without it, kt uses its embedded default
+    /// model (a tiny random-weight Qwen3-MoE).
+    #[arg(long, env = "KT_MODEL")]
+    model: Option<PathBuf>,
+    /// GGUF weights (file or folder) to pair with the HF folder given by --model.
+    #[arg(long, env = "KT_GGUF")]
+    gguf: Option<PathBuf>,
+    /// How activations meet quantized weights.
+    #[arg(long, value_enum, default_value_t = Matmul::F32, env = "KT_MATMUL")]
+    matmul: Matmul,
+}
+
+/// How tokens are chosen.
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// 0 is greedy. Default: 0 for `generate`, 0.7 for `chat`.
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep tokens at least this fraction as likely as the most likely one; 0 disables.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// 1 disables.
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Makes sampling reproducible.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this text (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params_with(&self, default_temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Parameters for interactive chat (temperature 0.7 unless given).
+    pub fn params(&self) -> SamplingParams {
+        self.params_with(0.7)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Prompt text (needs the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_tokens", required_unless_present = "prompt_tokens")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_tokens: Option<Vec<u32>>,
+    /// Wrap --prompt in the model's chat template as one user message.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// Alternatives reported per token.
+    #[arg(long, default_value_t = 0)]
+    top_logprobs: usize,
+    /// Keep generating after end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -49,55 +156,6 @@ struct TokenizeArgs {
     no_special: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Matmul {
-    /// Exact f32 products against dequantized weights (the reference).
-    F32,
-    /// Activations quantized as ggml's CPU backend does (to compare with llama.cpp).
-    Ggml,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// HF folder, GGUF file, or folder of GGUF files. Without it, kt uses its embedded default
-    /// model (a tiny random-weight Qwen3-MoE).
-    #[arg(long, env = "KT_MODEL")]
-    model: Option<PathBuf>,
-    /// GGUF weights (file or folder) to pair with the HF folder given by --model.
-    #[arg(long, env = "KT_GGUF")]
-    gguf: Option<PathBuf>,
-    /// Prompt text (needs the model's tokenizer).
-    #[arg(long, conflicts_with = "prompt_tokens", required_unless_present = "prompt_tokens")]
-    prompt: Option<String>,
-    /// Prompt as comma-separated token ids.
-    #[arg(long, value_delimiter = ',')]
-    prompt_tokens: Option<Vec<u32>>,
-    #[arg(long, default_value_t = 16)]
-    max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// 0 disables top-k.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Alternatives reported per token.
-    #[arg(long, default_value_t = 0)]
-    top_logprobs: usize,
-    /// Keep generating after end-of-sequence tokens.
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
-    /// How activations meet quantized weights.
-    #[arg(long, value_enum, default_value_t = Matmul::F32, env = "KT_MATMUL")]
-    matmul: Matmul,
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -108,16 +166,49 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
+        Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => run_tokenize(args),
     }
 }
 
+/// Loads the model `args` names (the embedded one without --model).
+pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
+    let mode = match args.matmul {
+        Matmul::F32 => MatmulMode::F32,
+        Matmul::Ggml => MatmulMode::Ggml,
+    };
+    match &args.model {
+        Some(path) => kt_models::load(path, args.gguf.as_deref(), mode)
+            .with_context(|| format!("loading {}", path.display())),
+        None if args.gguf.is_some() => bail!("--gguf needs --model (the HF folder it pairs with)"),
+        None => embedded::load(mode),
+    }
+}
+
 /// The tokenizer that goes with the model at `path` (the embedded model's without one).
-fn tokenizer_for(path: Option<&std::path::Path>) -> Result<Tokenizer> {
+pub fn tokenizer_for(path: Option<&Path>) -> Result<Tokenizer> {
     match path {
         Some(p) => Tokenizer::for_model_path(p)
             .with_context(|| format!("reading the tokenizer of {}", p.display())),
         None => embedded::tokenizer(),
+    }
+}
+
+/// The model's chat template, or the documented ChatML fallback when it has none.
+pub fn template_for(loaded: &LoadedModel) -> Result<ChatTemplate> {
+    let found = match &loaded.source {
+        ModelSource::Hf(hf) | ModelSource::Paired { hf, .. } => {
+            ChatTemplate::from_tokenizer_config(hf.dir().join("tokenizer_config.json"))
+        }
+        ModelSource::Gguf(g) => ChatTemplate::from_gguf(g.metadata()),
+    };
+    match found {
+        Ok(t) => Ok(t),
+        Err(TemplateError::Missing(what)) => {
+            tracing::info!("{what} has no chat template; using the ChatML fallback");
+            Ok(ChatTemplate::fallback())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -152,26 +243,13 @@ fn run_tokenize(a: TokenizeArgs) -> Result<()> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let mode = match a.matmul {
-        Matmul::F32 => MatmulMode::F32,
-        Matmul::Ggml => MatmulMode::Ggml,
-    };
     let t0 = Instant::now();
-    let loaded: LoadedModel = match &a.model {
-        Some(path) => kt_models::load(path, a.gguf.as_deref(), mode)
-            .with_context(|| format!("loading {}", path.display()))?,
-        None => {
-            if a.gguf.is_some() {
-                bail!("--gguf needs --model (the HF folder it pairs with)");
-            }
-            embedded::load(mode)?
-        }
-    };
+    let loaded = load_model(&a.model)?;
     let load_s = t0.elapsed().as_secs_f64();
     // Text needs the tokenizer; with --prompt-tokens it is optional (no text then).
     let tokenizer = match &a.prompt {
-        Some(_) => Some(tokenizer_for(a.model.as_deref())?),
-        None => match tokenizer_for(a.model.as_deref()) {
+        Some(_) => Some(tokenizer_for(a.model.model.as_deref())?),
+        None => match tokenizer_for(a.model.model.as_deref()) {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::info!("no tokenizer, output text will be empty: {e:#}");
@@ -181,6 +259,15 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let prompt = match (&a.prompt_tokens, &a.prompt, &tokenizer) {
         (Some(ids), _, _) => ids.clone(),
+        (None, Some(text), Some(tok)) if a.chat => {
+            let req = ChatRequest {
+                messages: vec![serde_json::json!({"role": "user", "content": text})],
+                add_generation_prompt: true,
+                ..Default::default()
+            };
+            // The template writes the special tokens (BOS included) itself.
+            tok.encode_with(&template_for(&loaded)?.render(&req)?, false, true)?
+        }
         (None, Some(text), Some(tok)) => tok.encode(text, true)?,
         _ => bail!("give --prompt or --prompt-tokens"),
     };
@@ -192,47 +279,55 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     stop_ids.dedup();
     let params = GenerateParams {
         max_tokens: a.max_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        seed: a.seed,
         top_logprobs: a.top_logprobs,
         stop_ids: if a.ignore_eos { Vec::new() } else { stop_ids },
     };
+    let mut sampling = a.sampling.params_with(0.0);
+    // Stop strings act on text, here; the sampler only chooses tokens.
+    let mut stops = StopChecker::new(std::mem::take(&mut sampling.stop), Vec::new());
+    let mut sampler = Sampler::new(sampling)?;
     let t1 = Instant::now();
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let mut first = true;
     let mut stream = tokenizer.as_ref().map(|t| t.stream_decoder(true));
-    let gen: Generation = generate(&loaded.model, &prompt, &params, |t| {
-        if json {
-            return;
-        }
+    let mut text = String::new();
+    let mut stopped_by_text = false;
+    let gen: Generation = generate(&loaded.model, &prompt, &params, &mut sampler, |t| {
         // Stream text when there is a tokenizer, ids otherwise.
-        let piece = match stream.as_mut() {
-            Some(s) => s.push(t.id).ok().flatten().unwrap_or_default(),
-            None => format!("{}{}", if first { "" } else { " " }, t.id),
+        let (piece, hit) = match stream.as_mut() {
+            Some(s) => {
+                let out = stops.push_text(&s.push(t.id).ok().flatten().unwrap_or_default());
+                (out.text, out.stop.is_some())
+            }
+            None => (format!("{}{}", if first { "" } else { " " }, t.id), false),
         };
-        let _ = write!(stdout, "{piece}");
-        let _ = stdout.flush();
+        text.push_str(&piece);
+        if !json {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
         first = false;
+        stopped_by_text |= hit;
+        !hit
     })?;
     if let Some(s) = stream.as_mut() {
+        let tail = stops.push_text(&s.finish()).text + &stops.finish();
+        text.push_str(&tail);
         if !json {
-            write!(stdout, "{}", s.finish())?;
+            write!(stdout, "{tail}")?;
         }
     }
-    let text = match &tokenizer {
-        Some(tok) => {
-            let ids: Vec<u32> = gen.tokens.iter().map(|t| t.id).collect();
-            tok.decode(&ids, true)?
-        }
-        None => String::new(),
-    };
     let gen_s = t1.elapsed().as_secs_f64();
     if json {
         let mut v = serde_json::to_value(&gen)?;
+        if tokenizer.is_none() {
+            text.clear();
+        }
         v["text"] = serde_json::Value::String(text);
+        if stopped_by_text {
+            v["finish_reason"] = "stop".into();
+        }
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     } else {
         writeln!(stdout)?;

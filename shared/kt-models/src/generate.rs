@@ -2,37 +2,19 @@
 
 use serde::Serialize;
 
-use crate::ops::log_softmax;
-use crate::{Model, ModelError};
+use kt_sample::Sampler;
 
-#[derive(Clone, Debug)]
+use crate::ops::log_softmax;
+use crate::{Model, ModelError, Sequence};
+
+/// What bounds a generation; how tokens are chosen is the [`Sampler`]'s business.
+#[derive(Clone, Debug, Default)]
 pub struct GenerateParams {
     pub max_tokens: usize,
-    /// 0 is greedy.
-    pub temperature: f32,
-    /// 1.0 disables nucleus filtering.
-    pub top_p: f32,
-    /// 0 disables top-k filtering.
-    pub top_k: usize,
-    pub seed: u64,
     /// Alternatives reported per step.
     pub top_logprobs: usize,
-    /// Generation ends after any of these ids (end-of-sequence tokens).
+    /// Generation ends after any of these ids (end-of-generation tokens, stop token ids).
     pub stop_ids: Vec<u32>,
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        Self {
-            max_tokens: 16,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-            top_logprobs: 0,
-            stop_ids: Vec::new(),
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -53,8 +35,12 @@ pub struct TokenOut {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
+    /// `max_tokens` reached.
     Length,
+    /// A stop id was generated (it is the last token).
     Stop,
+    /// The caller's callback asked to stop (a client went away, Ctrl-C, a stop string).
+    Cancelled,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -64,46 +50,66 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-/// Generates up to `params.max_tokens` tokens after `prompt`; `on_token` sees each one as it
-/// is chosen (for streaming).
+/// Generates up to `params.max_tokens` tokens after `prompt` in a fresh sequence; see
+/// [`generate_in`].
 pub fn generate(
     model: &Model,
     prompt: &[u32],
     params: &GenerateParams,
-    mut on_token: impl FnMut(&TokenOut),
+    sampler: &mut Sampler,
+    on_token: impl FnMut(&TokenOut) -> bool,
 ) -> Result<Generation, ModelError> {
-    if prompt.is_empty() {
+    generate_in(model, &mut model.new_sequence(), prompt, params, sampler, on_token)
+}
+
+/// Feeds `new_tokens` after what `seq` already holds, then generates up to
+/// `params.max_tokens` tokens. `on_token` sees each token as it is chosen (for streaming) and
+/// returns `false` to stop there. Every returned token except the last has been fed to `seq`,
+/// so a conversation can go on from it.
+pub fn generate_in(
+    model: &Model,
+    seq: &mut Sequence,
+    new_tokens: &[u32],
+    params: &GenerateParams,
+    sampler: &mut Sampler,
+    mut on_token: impl FnMut(&TokenOut) -> bool,
+) -> Result<Generation, ModelError> {
+    if new_tokens.is_empty() {
         return Err(ModelError::Input("the prompt has no tokens".into()));
     }
-    if prompt.len() + params.max_tokens > model.config.max_position.max(prompt.len() + 1) {
+    let context = model.config.max_position;
+    if seq.len() + new_tokens.len() + params.max_tokens > context {
         tracing::warn!(
-            "prompt ({}) + max tokens ({}) exceed the model's context of {}",
-            prompt.len(),
-            params.max_tokens,
-            model.config.max_position
+            "{} cached + {} new prompt + {} max tokens exceed the model's context of {context}",
+            seq.len(),
+            new_tokens.len(),
+            params.max_tokens
         );
     }
-    let mut seq = model.new_sequence();
-    let mut rng = SplitMix64(params.seed);
+    sampler.add_prompt(new_tokens);
     let mut tokens = Vec::new();
     let mut finish = FinishReason::Length;
-    let mut logits = model.forward(&mut seq, prompt)?;
+    let mut logits = model.forward(seq, new_tokens)?;
     for step in 0..params.max_tokens {
         let lp = log_softmax(&logits);
-        let id = sample(&logits, params, &mut rng);
+        let id = sampler.sample(&logits)?;
         let top = top_logprobs(&lp, params.top_logprobs);
         let out = TokenOut { id, logprob: lp[id as usize], top_logprobs: top };
-        on_token(&out);
+        let go_on = on_token(&out);
         tokens.push(out);
         if params.stop_ids.contains(&id) {
             finish = FinishReason::Stop;
             break;
         }
+        if !go_on {
+            finish = FinishReason::Cancelled;
+            break;
+        }
         if step + 1 < params.max_tokens {
-            logits = model.forward(&mut seq, &[id])?;
+            logits = model.forward(seq, &[id])?;
         }
     }
-    Ok(Generation { prompt_tokens: prompt.to_vec(), tokens, finish_reason: finish })
+    Ok(Generation { prompt_tokens: new_tokens.to_vec(), tokens, finish_reason: finish })
 }
 
 fn top_logprobs(lp: &[f64], k: usize) -> Vec<TokenLogprob> {
@@ -113,113 +119,14 @@ fn top_logprobs(lp: &[f64], k: usize) -> Vec<TokenLogprob> {
     idx.into_iter().map(|i| TokenLogprob { id: i as u32, logprob: lp[i] }).collect()
 }
 
-/// Picks a token: argmax at temperature 0, otherwise top-k → softmax(logits / T) → top-p →
-/// a draw from the seeded generator.
-fn sample(logits: &[f32], p: &GenerateParams, rng: &mut SplitMix64) -> u32 {
-    if p.temperature <= 0.0 {
-        let mut best = 0;
-        for (i, v) in logits.iter().enumerate() {
-            if *v > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
-    }
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    if p.top_k > 0 {
-        idx.truncate(p.top_k);
-    }
-    let max = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> =
-        idx.iter().map(|&i| ((logits[i] as f64 - max) / p.temperature as f64).exp()).collect();
-    let sum: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|q| *q /= sum);
-    if p.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (j, q) in probs.iter().enumerate() {
-            acc += q;
-            if acc >= p.top_p as f64 {
-                keep = j + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        idx.truncate(keep);
-        let s: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= s);
-    }
-    let r = rng.next_f64();
-    let mut acc = 0.0;
-    for (j, q) in probs.iter().enumerate() {
-        acc += q;
-        if r < acc {
-            return idx[j] as u32;
-        }
-    }
-    idx[idx.len() - 1] as u32
-}
-
-/// A small, well-mixed, seedable generator (SplitMix64); sampling is reproducible per seed.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn greedy_is_argmax() {
-        let p = GenerateParams::default();
-        assert_eq!(sample(&[0.1, 3.0, 2.0], &p, &mut SplitMix64(0)), 1);
-    }
-
-    #[test]
-    fn top_k_one_is_greedy_at_any_temperature() {
-        let p = GenerateParams { temperature: 5.0, top_k: 1, ..Default::default() };
-        for s in 0..20 {
-            assert_eq!(sample(&[0.1, 3.0, 2.0], &p, &mut SplitMix64(s)), 1);
-        }
-    }
-
-    #[test]
-    fn sampling_follows_the_distribution_and_the_seed() {
-        let p = GenerateParams { temperature: 1.0, ..Default::default() };
-        let logits = [0.0f32, (3.0f32).ln()]; // p = [0.25, 0.75]
-        let mut rng = SplitMix64(7);
-        let ones = (0..20000).filter(|_| sample(&logits, &p, &mut rng) == 1).count();
-        assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02, "{ones}");
-        let a: Vec<u32> = {
-            let mut r = SplitMix64(3);
-            (0..50).map(|_| sample(&logits, &p, &mut r)).collect()
-        };
-        let b: Vec<u32> = {
-            let mut r = SplitMix64(3);
-            (0..50).map(|_| sample(&logits, &p, &mut r)).collect()
-        };
-        assert_eq!(a, b);
-    }
-
-    #[test]
-    fn top_p_cuts_the_tail() {
-        let p = GenerateParams { temperature: 1.0, top_p: 0.5, ..Default::default() };
-        let logits = [0.0f32, 10.0, 0.0];
-        for s in 0..50 {
-            assert_eq!(sample(&logits, &p, &mut SplitMix64(s)), 1);
-        }
+    fn top_logprobs_are_sorted_with_ties_to_the_lower_id() {
+        let lp = [-2.0, -0.5, -2.0, -1.0];
+        let ids: Vec<u32> = top_logprobs(&lp, 3).iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![1, 3, 0]);
     }
 }

@@ -16,7 +16,9 @@ pub mod names;
 pub mod ops;
 
 pub use config::{Arch, ModelConfig};
-pub use generate::{generate, FinishReason, GenerateParams, Generation, TokenLogprob, TokenOut};
+pub use generate::{
+    generate, generate_in, FinishReason, GenerateParams, Generation, TokenLogprob, TokenOut,
+};
 pub use linear::MatmulMode;
 pub use load::{load, load_gguf, LoadedModel, ModelSource};
 pub use model::{Model, Sequence};
@@ -37,4 +39,6 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("input: {0}")]
     Input(String),
+    #[error(transparent)]
+    Sample(#[from] kt_sample::SampleError),
 }

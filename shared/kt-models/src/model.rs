@@ -97,6 +97,21 @@ impl Sequence {
     pub fn is_empty(&self) -> bool {
         self.pos == 0
     }
+
+    /// Forgets every position from `len` on, so that a conversation can continue from a
+    /// shared prefix (no-op when `len` is not shorter).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.pos {
+            return;
+        }
+        for c in &mut self.caches {
+            // Every layer holds exactly `pos` entries of a fixed width.
+            let (kw, vw) = (c.k.len() / self.pos, c.v.len() / self.pos);
+            c.k.truncate(kw * len);
+            c.v.truncate(vw * len);
+        }
+        self.pos = len;
+    }
 }
 
 #[derive(Debug, Default)]

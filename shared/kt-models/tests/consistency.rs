@@ -212,6 +212,19 @@ fn batched_equals_sequential(model: &Model) {
 }
 
 #[test]
+fn truncating_the_cache_replays_identically() {
+    for m in [deepseek3(Store::F32).finish(), qwen3moe(Store::F32).finish()] {
+        let mut seq = m.new_sequence();
+        let first = m.forward(&mut seq, &PROMPT[..4]).unwrap();
+        m.forward(&mut seq, &PROMPT[4..]).unwrap();
+        seq.truncate(3);
+        assert_eq!(seq.len(), 3);
+        let again = m.forward(&mut seq, &PROMPT[3..4]).unwrap();
+        assert!(max_diff(&first, &again) < 1e-5);
+    }
+}
+
+#[test]
 fn deepseek3_prefill_equals_decode() {
     let m = deepseek3(Store::F32).finish();
     assert_eq!(m.config.arch, kt_models::Arch::Deepseek3);

@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use kt_models::{generate, GenerateParams, MatmulMode};
+use kt_sample::{Sampler, SamplingParams};
 use serde::Deserialize;
 
 /// f32 against f32: only summation order differs.
@@ -73,13 +74,9 @@ fn check(
     let gguf_path = gguf.map(|g| dir.join(g));
     let loaded = kt_models::load(&dir.join(weights), gguf_path.as_deref(), mode)
         .unwrap_or_else(|e| panic!("{model}/{weights}: {e}"));
-    let params = GenerateParams {
-        max_tokens: r.tokens.len(),
-        top_logprobs: 8,
-        stop_ids: vec![],
-        ..Default::default()
-    };
-    let got = generate(&loaded.model, &r.prompt_tokens, &params, |_| {})
+    let params = GenerateParams { max_tokens: r.tokens.len(), top_logprobs: 8, stop_ids: vec![] };
+    let mut greedy = Sampler::new(SamplingParams::greedy()).unwrap();
+    let got = generate(&loaded.model, &r.prompt_tokens, &params, &mut greedy, |_| true)
         .unwrap_or_else(|e| panic!("{model}/{weights}: {e}"));
     let mut worst = 0f64;
     for (step, (want, have)) in r.tokens.iter().zip(&got.tokens).enumerate() {
