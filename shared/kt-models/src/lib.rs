@@ -21,8 +21,8 @@ pub use generate::{
 };
 pub use linear::MatmulMode;
 pub use load::{load, load_gguf, LoadedModel, ModelSource};
-pub use model::{Model, Sequence};
-pub use moe::{Experts, LocalExperts, Routing};
+pub use model::{load_experts, Model, Sequence};
+pub use moe::{Experts, LocalExperts, Routing, ShardedExperts, NO_EXPERT};
 
 /// Errors of building or running a model.
 #[derive(Debug, thiserror::Error)]

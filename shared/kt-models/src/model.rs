@@ -206,6 +206,19 @@ impl Model {
         scheme: Scheme,
         mode: MatmulMode,
     ) -> Result<Self, ModelError> {
+        Self::load_with(config, src, scheme, mode, &|_, _| true)
+    }
+
+    /// [`Model::load`], holding only the routed experts `(layer, expert)` for which `keep` is
+    /// true (a worker whose experts live on expert servers keeps none and calls
+    /// [`Model::with_experts`]).
+    pub fn load_with(
+        config: ModelConfig,
+        src: &dyn TensorSource,
+        scheme: Scheme,
+        mode: MatmulMode,
+        keep: &dyn Fn(usize, usize) -> bool,
+    ) -> Result<Self, ModelError> {
         let ld = Loader { src, scheme, mode };
         let c = &config;
         let h = c.hidden;
@@ -216,14 +229,12 @@ impl Model {
             _ => Linear::new(embed.clone(), None, mode)?,
         };
         let mut layers = Vec::with_capacity(c.n_layers);
-        let mut expert_layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let attn = Self::load_attention(&ld, c, l)?;
-            let (ffn, experts) = if c.is_moe_layer(l) {
-                let (block, experts) = Self::load_moe(&ld, c, l)?;
-                (Ffn::Moe(block), Some(experts))
+            let ffn = if c.is_moe_layer(l) {
+                Ffn::Moe(Self::load_moe(&ld, c, l)?)
             } else {
-                (Ffn::Dense(ld.mlp(l, T::FfnGate, T::FfnUp, T::FfnDown, h, c.ff)?), None)
+                Ffn::Dense(ld.mlp(l, T::FfnGate, T::FfnUp, T::FfnDown, h, c.ff)?)
             };
             layers.push(Layer {
                 attn_norm: ld.vec(scheme.layer(l, T::AttnNorm), h)?,
@@ -231,15 +242,15 @@ impl Model {
                 attn,
                 ffn,
             });
-            expert_layers.push(experts);
         }
+        let experts = load_experts_with(&ld, c, keep)?;
         let softmax_scale_mult = match &c.rope.scaling {
             RopeScaling::Yarn(y) => y.softmax_scale_mult,
             _ => 1.0,
         };
         Ok(Self {
             rope: Rope::new(&c.rope),
-            experts: Arc::new(LocalExperts::new(h, expert_layers)),
+            experts: Arc::new(experts),
             config,
             embed,
             final_norm,
@@ -355,15 +366,11 @@ impl Model {
         }
     }
 
-    fn load_moe(
-        ld: &Loader<'_>,
-        c: &ModelConfig,
-        l: usize,
-    ) -> Result<(MoeBlock, Vec<Mlp>), ModelError> {
+    fn load_moe(ld: &Loader<'_>, c: &ModelConfig, l: usize) -> Result<MoeBlock, ModelError> {
         let Some(m) = &c.moe else {
             return Err(ModelError::Config("MoE layer without an MoE config".into()));
         };
-        let (h, ff, ne) = (c.hidden, m.expert_ff, m.n_experts);
+        let (h, ne) = (c.hidden, m.n_experts);
         let s = ld.scheme;
         let router = ld.linear(s.layer(l, T::Router), ne, h)?;
         let router_bias = ld.opt_vec(s.layer(l, T::RouterBias), ne)?;
@@ -374,43 +381,7 @@ impl Model {
         };
         let shared_gate =
             if m.shared_gate { Some(ld.linear(s.layer(l, T::ShexpRouter), 1, h)?) } else { None };
-
-        let mk = |w: WeightTensor| Linear::new(w, None, ld.mode);
-        let experts = if let Some(gate) = ld.opt(s.layer(l, T::ExpsGate), &[ne, ff, h])? {
-            let up = ld.get(s.layer(l, T::ExpsUp), &[ne, ff, h])?;
-            let down = ld.get(s.layer(l, T::ExpsDown), &[ne, h, ff])?;
-            (0..ne)
-                .map(|e| {
-                    Ok(Mlp {
-                        gate: mk(LocalExperts::slice_expert(&gate, e, 0..ff)?)?,
-                        up: mk(LocalExperts::slice_expert(&up, e, 0..ff)?)?,
-                        down: mk(LocalExperts::slice_expert(&down, e, 0..h)?)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, ModelError>>()?
-        } else if let Some(gate_up) = ld.opt(s.layer(l, T::ExpsGateUp), &[ne, 2 * ff, h])? {
-            let down = ld.get(s.layer(l, T::ExpsDown), &[ne, h, ff])?;
-            (0..ne)
-                .map(|e| {
-                    Ok(Mlp {
-                        gate: mk(LocalExperts::slice_expert(&gate_up, e, 0..ff)?)?,
-                        up: mk(LocalExperts::slice_expert(&gate_up, e, ff..2 * ff)?)?,
-                        down: mk(LocalExperts::slice_expert(&down, e, 0..h)?)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, ModelError>>()?
-        } else {
-            (0..ne)
-                .map(|e| {
-                    Ok(Mlp {
-                        gate: ld.linear(s.expert(l, e, ExpertTensor::Gate), ff, h)?,
-                        up: ld.linear(s.expert(l, e, ExpertTensor::Up), ff, h)?,
-                        down: ld.linear(s.expert(l, e, ExpertTensor::Down), h, ff)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, ModelError>>()?
-        };
-        Ok((MoeBlock { router, router_bias, shared, shared_gate }, experts))
+        Ok(MoeBlock { router, router_bias, shared, shared_gate })
     }
 
     /// A fresh sequence with an empty KV cache.
@@ -596,6 +567,70 @@ impl Model {
             }
         }
         m.o.forward(&out, n)
+    }
+}
+
+/// The routed experts `(layer, expert)` of a model for which `keep` is true, as an expert
+/// server holds them: weights stay in the (memory-mapped) files, nothing else is loaded.
+pub fn load_experts(
+    config: &ModelConfig,
+    src: &dyn TensorSource,
+    scheme: Scheme,
+    mode: MatmulMode,
+    keep: &dyn Fn(usize, usize) -> bool,
+) -> Result<LocalExperts, ModelError> {
+    load_experts_with(&Loader { src, scheme, mode }, config, keep)
+}
+
+fn load_experts_with(
+    ld: &Loader<'_>,
+    c: &ModelConfig,
+    keep: &dyn Fn(usize, usize) -> bool,
+) -> Result<LocalExperts, ModelError> {
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for l in 0..c.n_layers {
+        let mut experts = Vec::new();
+        if let (true, Some(m)) = (c.is_moe_layer(l), &c.moe) {
+            for e in 0..m.n_experts {
+                experts.push(if keep(l, e) { Some(load_expert(ld, c, l, e)?) } else { None });
+            }
+        }
+        layers.push(experts);
+    }
+    Ok(LocalExperts::new(c.hidden, layers))
+}
+
+/// One routed expert, from fused `[experts, out, in]` tensors (GGUF), transformers 5's fused
+/// gate_up, or per-expert tensors (HF checkpoints).
+fn load_expert(ld: &Loader<'_>, c: &ModelConfig, l: usize, e: usize) -> Result<Mlp, ModelError> {
+    let Some(m) = &c.moe else {
+        return Err(ModelError::Config("routed experts without an MoE config".into()));
+    };
+    let (h, ff, ne) = (c.hidden, m.expert_ff, m.n_experts);
+    let s = ld.scheme;
+    let mk = |w: WeightTensor| Linear::new(w, None, ld.mode);
+    let slice = LocalExperts::slice_expert;
+    if let Some(gate) = ld.opt(s.layer(l, T::ExpsGate), &[ne, ff, h])? {
+        let up = ld.get(s.layer(l, T::ExpsUp), &[ne, ff, h])?;
+        let down = ld.get(s.layer(l, T::ExpsDown), &[ne, h, ff])?;
+        Ok(Mlp {
+            gate: mk(slice(&gate, e, 0..ff)?)?,
+            up: mk(slice(&up, e, 0..ff)?)?,
+            down: mk(slice(&down, e, 0..h)?)?,
+        })
+    } else if let Some(gate_up) = ld.opt(s.layer(l, T::ExpsGateUp), &[ne, 2 * ff, h])? {
+        let down = ld.get(s.layer(l, T::ExpsDown), &[ne, h, ff])?;
+        Ok(Mlp {
+            gate: mk(slice(&gate_up, e, 0..ff)?)?,
+            up: mk(slice(&gate_up, e, ff..2 * ff)?)?,
+            down: mk(slice(&down, e, 0..h)?)?,
+        })
+    } else {
+        Ok(Mlp {
+            gate: ld.linear(s.expert(l, e, ExpertTensor::Gate), ff, h)?,
+            up: ld.linear(s.expert(l, e, ExpertTensor::Up), ff, h)?,
+            down: ld.linear(s.expert(l, e, ExpertTensor::Down), h, ff)?,
+        })
     }
 }
 

@@ -11,12 +11,15 @@ use crate::linear::Linear;
 use crate::ops::{sigmoid, silu, softmax, top_k};
 use crate::ModelError;
 
+/// An empty slot of a [`Routing`]: the expert there is computed elsewhere.
+pub const NO_EXPERT: u32 = u32::MAX;
+
 /// The top-k choice of experts for a batch of tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Routing {
     /// Experts per token.
     pub k: usize,
-    /// `[n × k]` expert ids.
+    /// `[n × k]` expert ids; [`NO_EXPERT`] marks a slot another shard computes.
     pub ids: Vec<u32>,
     /// `[n × k]` weights of those experts' outputs.
     pub weights: Vec<f32>,
@@ -126,16 +129,24 @@ impl Mlp {
     }
 }
 
-/// Routed experts held in this process: per MoE layer, one MLP per expert.
+/// Routed experts held in this process: per layer, per expert id, the MLP when it is held
+/// here (an expert server holds the part of the experts its plan gives it).
 #[derive(Default)]
 pub struct LocalExperts {
     hidden: usize,
-    layers: Vec<Option<Vec<Mlp>>>,
+    layers: Vec<Vec<Option<Mlp>>>,
 }
 
 impl LocalExperts {
-    pub fn new(hidden: usize, layers: Vec<Option<Vec<Mlp>>>) -> Self {
+    pub fn new(hidden: usize, layers: Vec<Vec<Option<Mlp>>>) -> Self {
         Self { hidden, layers }
+    }
+
+    /// The `(layer, expert)` pairs held here.
+    pub fn held(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.layers.iter().enumerate().flat_map(|(l, es)| {
+            es.iter().enumerate().filter(|(_, m)| m.is_some()).map(move |(e, _)| (l, e))
+        })
     }
 
     /// Expert `e` of a fused `[experts, out, in]` tensor as a 2-D view (no copy).
@@ -175,12 +186,29 @@ impl Experts for LocalExperts {
     ) -> Result<Vec<f32>, ModelError> {
         let h = self.hidden;
         let n = hidden.len() / h;
-        let experts = self.layers.get(layer).and_then(Option::as_ref).ok_or_else(|| {
+        let experts = self.layers.get(layer).filter(|es| !es.is_empty()).ok_or_else(|| {
             ModelError::Input(format!("layer {layer} has no routed experts here"))
         })?;
+        if routing.ids.len() != n * routing.k || routing.weights.len() != n * routing.k {
+            return Err(ModelError::Input(format!(
+                "routing for {n} tokens of top-{} has {} ids and {} weights",
+                routing.k,
+                routing.ids.len(),
+                routing.weights.len()
+            )));
+        }
+        for (i, &id) in routing.ids.iter().enumerate() {
+            if id != NO_EXPERT && experts.get(id as usize).is_none_or(Option::is_none) {
+                return Err(ModelError::Input(format!(
+                    "token {} routed to expert {id} of layer {layer}, which is not held here",
+                    i / routing.k
+                )));
+            }
+        }
         let mut out = vec![0f32; n * h];
         // Experts in id order, each over the tokens routed to it, as the references loop.
         for (e, mlp) in experts.iter().enumerate() {
+            let Some(mlp) = mlp else { continue };
             let mut tokens = Vec::new();
             let mut ws = Vec::new();
             for t in 0..n {
@@ -203,13 +231,75 @@ impl Experts for LocalExperts {
                 }
             }
         }
-        for (i, &id) in routing.ids.iter().enumerate() {
-            if id as usize >= experts.len() {
+        Ok(out)
+    }
+}
+
+/// Routed experts spread over several holders (expert servers, NUMA nodes): each call is
+/// split by owner, every shard computes its part, and the partial sums are added.
+pub struct ShardedExperts {
+    hidden: usize,
+    shards: Vec<Shard>,
+}
+
+struct Shard {
+    experts: std::sync::Arc<dyn Experts>,
+    /// `owns[layer][expert]`.
+    owns: Vec<Vec<bool>>,
+}
+
+impl ShardedExperts {
+    pub fn new(hidden: usize) -> Self {
+        Self { hidden, shards: Vec::new() }
+    }
+
+    /// Adds a holder of the experts for which `owns[layer][expert]` is true.
+    pub fn add(mut self, experts: std::sync::Arc<dyn Experts>, owns: Vec<Vec<bool>>) -> Self {
+        self.shards.push(Shard { experts, owns });
+        self
+    }
+}
+
+impl Experts for ShardedExperts {
+    fn forward(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ModelError> {
+        let owner = |id: u32| {
+            self.shards.iter().position(|s| {
+                s.owns.get(layer).and_then(|l| l.get(id as usize)).copied().unwrap_or(false)
+            })
+        };
+        if let Some(&id) = routing.ids.iter().find(|&&id| id != NO_EXPERT && owner(id).is_none()) {
+            return Err(ModelError::Input(format!("no shard holds expert {id} of layer {layer}")));
+        }
+        let mut out = vec![0f32; hidden.len()];
+        for (i, shard) in self.shards.iter().enumerate() {
+            let ids: Vec<u32> = routing
+                .ids
+                .iter()
+                .map(|&id| if id != NO_EXPERT && owner(id) == Some(i) { id } else { NO_EXPERT })
+                .collect();
+            if ids.iter().all(|&id| id == NO_EXPERT) {
+                continue;
+            }
+            let part = shard.experts.forward(
+                layer,
+                hidden,
+                &Routing { k: routing.k, ids, weights: routing.weights.clone() },
+            )?;
+            if part.len() != out.len() {
                 return Err(ModelError::Input(format!(
-                    "token {} routed to expert {id}, layer {layer} has {}",
-                    i / routing.k,
-                    experts.len()
+                    "shard {i} answered {} values for {} (hidden {})",
+                    part.len(),
+                    out.len(),
+                    self.hidden
                 )));
+            }
+            for (o, p) in out.iter_mut().zip(&part) {
+                *o += p;
             }
         }
         Ok(out)

@@ -212,6 +212,44 @@ fn batched_equals_sequential(model: &Model) {
 }
 
 #[test]
+fn experts_split_over_shards_give_the_same_logits() {
+    use std::sync::Arc;
+    for b in [deepseek3(Store::F32), qwen3moe(Store::F32)] {
+        let bytes = b.w.to_bytes();
+        let open = || {
+            let file = GgufFile::from_bytes("s.gguf", SharedBytes::new(bytes.clone())).unwrap();
+            GgufModel::from_parts("s.gguf", vec![file], vec![]).unwrap()
+        };
+        let whole = load_gguf(open(), "s.gguf".as_ref(), MatmulMode::F32).unwrap().model;
+        let g = open();
+        let cfg = whole.config.clone();
+        let scheme = kt_models::names::Scheme::Gguf;
+        let n_exp = cfg.moe.as_ref().unwrap().n_experts;
+        let mut sharded = kt_models::ShardedExperts::new(cfg.hidden);
+        for parity in 0..2 {
+            let keep = move |_l: usize, e: usize| e % 2 == parity;
+            let part = kt_models::load_experts(&cfg, &g, scheme, MatmulMode::F32, &keep).unwrap();
+            assert!(part.held().all(|(_, e)| e % 2 == parity));
+            let owns = (0..cfg.n_layers)
+                .map(|l| (0..n_exp).map(|e| cfg.is_moe_layer(l) && e % 2 == parity).collect())
+                .collect();
+            sharded = sharded.add(Arc::new(part), owns);
+        }
+        let split =
+            kt_models::Model::load_with(cfg.clone(), &g, scheme, MatmulMode::F32, &|_, _| false)
+                .unwrap()
+                .with_experts(Arc::new(sharded));
+        let a = whole.forward(&mut whole.new_sequence(), &PROMPT).unwrap();
+        let b = split.forward(&mut split.new_sequence(), &PROMPT).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+        // a model without its experts says so instead of computing something else
+        let none =
+            kt_models::Model::load_with(cfg, &g, scheme, MatmulMode::F32, &|_, _| false).unwrap();
+        assert!(none.forward(&mut none.new_sequence(), &PROMPT).is_err());
+    }
+}
+
+#[test]
 fn truncating_the_cache_replays_identically() {
     for m in [deepseek3(Store::F32).finish(), qwen3moe(Store::F32).finish()] {
         let mut seq = m.new_sequence();
