@@ -1,17 +1,23 @@
-//! Throughput of the kernels of every format: `cargo run --release -p kt-quant --example bench`.
+//! Throughput of the kernels of every format and every kernel family this CPU has:
+//! `cargo run --release -p kt-quant --example bench [-- --quick]`.
 //!
-//! Prints, per format, nanoseconds per 4096-element row for `dequantize`, `dot_f32` and
-//! `vec_dot` on random blocks (scale fields made finite), and the weight bandwidth of `dot_f32`.
+//! Prints, per format and family (scalar, avx2, avx512), nanoseconds per 4096-element row for
+//! `dequantize`, `dot_f32` and `vec_dot` on random blocks (scale fields made finite), and the
+//! weight bandwidth of `dot_f32` (GB/s of weight bytes streamed), single-threaded, over a
+//! 4096 x 4096 matrix-vector product (every row once per pass, so the matrix, 9-64 MiB, comes
+//! from DRAM rather than cache). `--quick` uses 512 rows (cache-resident for small formats).
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use kt_quant::{kernels, SUPPORTED};
+use kt_quant::{kernels_for_isa, Isa, SUPPORTED};
 
 const N: usize = 4096;
-const ROWS: usize = 256;
 
 fn main() {
+    let rows = if std::env::args().any(|a| a == "--quick") { 512 } else { N };
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    println!("{N} x {rows} matrix-vector product, one thread; families {isas:?}");
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
         state ^= state << 13;
@@ -21,14 +27,14 @@ fn main() {
     };
     let x: Vec<f32> = (0..N).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
     println!(
-        "{:<8} {:>12} {:>12} {:>12} {:>12}",
-        "format", "dequant ns", "dot_f32 ns", "vec_dot ns", "dot_f32 GB/s"
+        "{:<8} {:<7} {:>12} {:>12} {:>12} {:>12}",
+        "format", "isa", "dequant ns", "dot_f32 ns", "vec_dot ns", "dot_f32 GB/s"
     );
     for ty in SUPPORTED {
-        let Some(k) = kernels(ty) else { continue };
+        let Some(k) = kernels_for_isa(Isa::Scalar, ty) else { continue };
         let Some(row) = ty.row_bytes(N) else { continue };
         // Random bytes, then the weights re-encoded from f32 so that every scale is finite.
-        let mut w = vec![0u8; row * ROWS];
+        let mut w = vec![0u8; row * rows];
         for r in w.chunks_exact_mut(row) {
             let vals: Vec<f32> =
                 (0..N).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
@@ -52,28 +58,46 @@ fn main() {
         let mut out = vec![0f32; N];
         // Best of several passes: the numbers are for comparing kernels, not machines.
         let time = |f: &mut dyn FnMut(&[u8])| {
-            (0..7)
+            (0..5)
                 .map(|_| {
                     let t = Instant::now();
                     for r in w.chunks_exact(row) {
                         f(r);
                     }
-                    t.elapsed().as_nanos() as f64 / ROWS as f64
+                    t.elapsed().as_nanos() as f64 / rows as f64
                 })
                 .fold(f64::INFINITY, f64::min)
         };
-        let deq = time(&mut |r| (k.dequantize)(black_box(r), &mut out));
-        let mut acc = 0f32;
-        let dot = time(&mut |r| acc += (k.dot_f32)(black_box(r), &x));
-        let vd = time(&mut |r| acc += (k.vec_dot)(black_box(r), &a));
-        black_box(acc);
-        println!(
-            "{:<8} {:>12.0} {:>12.0} {:>12.0} {:>12.2}",
-            ty.name(),
-            deq,
-            dot,
-            vd,
-            row as f64 / dot
-        );
+        for &isa in &isas {
+            let Some(k) = kernels_for_isa(isa, ty) else { continue };
+            // Families without their own kernels for this format repeat the scalar numbers.
+            if isa != Isa::Scalar && k.isa == "scalar" && k.vec_dot_isa == "scalar" {
+                continue;
+            }
+            let deq = time(&mut |r| (k.dequantize)(black_box(r), &mut out));
+            let mut acc = 0f32;
+            let dot = time(&mut |r| acc += (k.dot_f32)(black_box(r), &x));
+            let vd = time(&mut |r| acc += (k.vec_dot)(black_box(r), &a));
+            black_box(acc);
+            println!(
+                "{:<8} {:<7} {:>12.0} {:>12.0} {:>12.0} {:>12.2}",
+                ty.name(),
+                format!("{}/{}", short(k.isa), short(k.vec_dot_isa)),
+                deq,
+                dot,
+                vd,
+                row as f64 / dot
+            );
+        }
+    }
+}
+
+/// `avx512` -> `512`, for the `dot_f32/vec_dot` family column.
+fn short(isa: &str) -> &str {
+    match isa {
+        "scalar" => "sc",
+        "avx2" => "avx2",
+        "avx512" => "512",
+        other => other,
     }
 }

@@ -21,8 +21,10 @@
 //! Q8_1 and Q8_K, which gguf lacks, against their definition), and `vec_dot` plus all activation
 //! quantizers against ggml's own C kernels (`tests/fixtures/quant/ggml_vec_dot.c`).
 //!
-//! The crate has no `unsafe` code (`deny(unsafe_code)`): blocks are parsed field by field from
-//! byte slices at any alignment. A future SIMD module is the one place allowed to opt out.
+//! The crate has no `unsafe` code (`deny(unsafe_code)`) outside the x86-64 SIMD modules
+//! (`kernels/avx2.rs`, `kernels/avx512.rs`): blocks are parsed field by field from byte slices at
+//! any alignment. The SIMD family is chosen at run time; `KT_ISA=scalar|avx2|avx512` forces a
+//! lower one (see [`mod@kernels`]).
 
 #![deny(unsafe_code)]
 
@@ -32,7 +34,9 @@ pub mod kernels;
 
 pub use blocks::Block;
 pub use error::QuantError;
-pub use kernels::{kernels, scalar_kernels, Kernels};
+pub use kernels::{
+    describe, isa_note, kernels, kernels_for_isa, scalar_kernels, selected_isa, Isa, Kernels,
+};
 
 /// Activation quantizer for `ty` (a `vec_dot_type`) as llama.cpp's CPU backend runs it on
 /// x86, for reproducing llama.cpp's numbers: its SIMD Q8_0/Q8_1 quantizers round differently

@@ -1,29 +1,32 @@
 //! The kernel seam: one table of plain function pointers per block format, chosen once at run
 //! time.
 //!
-//! [`kernels`] returns the table for a format. Today only the scalar tables exist
-//! ([`scalar_kernels`]); they are the bit-exact reference. A SIMD implementation slots in as a
-//! sibling module (`avx2.rs`, `avx512.rs`) exporting its own `table(ty) -> Option<&'static
-//! Kernels>` that returns `None` (or falls back to the scalar entry) for formats it does not
-//! cover, and the private `select` picks it once, on first use:
+//! [`kernels`] returns the table for a format. Three families exist:
 //!
-//! ```text
-//! fn select() -> Table {
-//!     #[cfg(target_arch = "x86_64")]
-//!     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-//!         return avx2::table;
-//!     }
-//!     scalar::table
-//! }
-//! ```
+//! * `scalar` ([`scalar_kernels`]): the bit-exact reference, on every target;
+//! * `avx2` (x86-64 with AVX2 + FMA + F16C): SIMD `dot_f32` for F32, F16, BF16, Q4_0, Q8_0,
+//!   Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and SIMD `vec_dot` for Q8_0·Q8_0, Q4_K·Q8_K, Q6_K·Q8_K;
+//! * `avx512` (AVX-512 F + BW + VL, on top of the AVX2 set): 16-lane `dot_f32` for the same
+//!   formats; its `vec_dot` entries are the AVX2 ones.
 //!
-//! Binaries are never built with `-C target-cpu=native`; the SIMD module compiles its functions
-//! with `#[target_feature(enable = "avx2,fma")]` and wraps each in a safe function pointer that
-//! is only handed out after detection succeeded (that `unsafe` call, with its `// SAFETY:`
-//! line, lives in the SIMD module and nowhere else; the crate denies `unsafe_code` elsewhere).
-//! Its tests compare every entry against [`scalar_kernels`] on the same inputs: `dequantize` and
-//! `vec_dot` bit for bit where the SIMD code keeps ggml's operation order, `dot_f32` within the
-//! summation tolerance.
+//! Every family's table covers all formats: entries without a SIMD version are the scalar
+//! ones ([`Kernels::isa`] names the family of `dot_f32`, [`Kernels::vec_dot_isa`] that of
+//! `vec_dot`; [`describe`] prints both). The family is chosen once per process, on first use:
+//! the best one the CPU has, or the one the environment variable `KT_ISA` names
+//! (`scalar`, `avx2`, `avx512`). `KT_ISA` can only lower the choice: naming a family the CPU
+//! lacks (or an unknown name) keeps the best available one and records a message
+//! ([`isa_note`], also printed once to stderr).
+//!
+//! Binaries are never built with `-C target-cpu=native`: the SIMD modules compile their
+//! functions with `#[target_feature(enable = ...)]` and wrap each in a plain function pointer
+//! that is only handed out after `is_x86_feature_detected!` succeeded ([`kernels_for_isa`]
+//! returns `None` for a family the CPU lacks); those `unsafe` calls, each with its
+//! `// SAFETY:` line, live in the SIMD modules and nowhere else.
+//!
+//! Accuracy: `dequantize`, `quantize` and `vec_dot` of every family are bit-identical to the
+//! scalar ones (the SIMD `vec_dot`s keep ggml's integer lanes and f32 operation order);
+//! `dot_f32` rebuilds each weight with the dequantizer's exact operations and differs only in
+//! summation order and FMA (tolerance in `tests/simd.rs`).
 //!
 //! Table entries take whole rows and never panic, whatever the lengths; on mismatched lengths
 //! they process only the whole blocks present in both operands. The checked wrappers in the
@@ -35,6 +38,10 @@ use kt_core::GgmlType;
 
 use crate::blocks::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub(crate) mod scalar;
 
 /// Expands one quantized row (`src`, whole blocks) into f32 values (`dst`).
@@ -53,8 +60,11 @@ pub struct Kernels {
     pub ty: GgmlType,
     /// The format activations must be in for [`Kernels::vec_dot`] (ggml's `vec_dot_type`).
     pub vec_dot_type: GgmlType,
-    /// Which implementation this is (`"scalar"`, later `"avx2"`, ...), for logs and benches.
+    /// The family of [`Kernels::dot_f32`] (`"scalar"`, `"avx2"` or `"avx512"`), for logs and
+    /// benches.
     pub isa: &'static str,
+    /// The family of [`Kernels::vec_dot`] (a SIMD table may keep the scalar one).
+    pub vec_dot_isa: &'static str,
     /// Row to f32 (ggml's `to_float`).
     pub dequantize: DequantizeFn,
     /// Row · f32 vector, accumulated in f32 block by block. The exact summation order is not
@@ -68,15 +78,124 @@ pub struct Kernels {
     pub quantize: QuantizeFn,
 }
 
-/// A kernel table lookup, as chosen by [`select`].
+/// A kernel table lookup.
 type Table = fn(GgmlType) -> Option<&'static Kernels>;
 
-static SELECTED: OnceLock<Table> = OnceLock::new();
+/// A kernel family, in increasing order of capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// The reference kernels, on every target.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C.
+    Avx2,
+    /// x86-64 with AVX-512 F, BW and VL (and the AVX2 set).
+    Avx512,
+}
 
-/// The best kernels for `ty` on this CPU, or `None` when kt cannot compute with `ty`
-/// (IQ2_XXS, IQ1_S, TQ1_0, MXFP4, integer types, ...). The choice is made once per process.
+impl Isa {
+    /// Every family, lowest first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    /// The name `KT_ISA` accepts and [`Kernels::isa`] reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a `KT_ISA` value.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.name() == name.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU can run the family (detected at run time).
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best family this CPU has.
+    pub fn best() -> Isa {
+        Isa::ALL.into_iter().rev().find(|i| i.available()).unwrap_or(Isa::Scalar)
+    }
+
+    fn table(self) -> Table {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::table,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::table,
+            _ => scalar_table,
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+struct Selection {
+    isa: Isa,
+    note: Option<String>,
+}
+
+static SELECTED: OnceLock<Selection> = OnceLock::new();
+
+fn selection() -> &'static Selection {
+    SELECTED.get_or_init(|| {
+        let sel = select(std::env::var("KT_ISA").ok().as_deref());
+        if let Some(note) = &sel.note {
+            eprintln!("kt-quant: {note}");
+        }
+        sel
+    })
+}
+
+/// The best kernels for `ty` on this CPU (or the family `KT_ISA` forces), or `None` when kt
+/// cannot compute with `ty` (IQ2_XXS, IQ1_S, TQ1_0, MXFP4, integer types, ...). The choice is
+/// made once per process.
 pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
-    (SELECTED.get_or_init(select))(ty)
+    (selection().isa.table())(ty)
+}
+
+/// The kernel family [`kernels`] uses (`"scalar"`, `"avx2"` or `"avx512"`).
+pub fn selected_isa() -> &'static str {
+    selection().isa.name()
+}
+
+/// Why the family differs from what `KT_ISA` asked for, if it does.
+pub fn isa_note() -> Option<&'static str> {
+    selection().note.as_deref()
+}
+
+/// One line for logs: the selected family's implementation of each entry of `ty`, e.g.
+/// `q4_K: dot_f32=avx2 vec_dot=avx2 dequantize=scalar quantize=scalar`.
+pub fn describe(ty: GgmlType) -> Option<String> {
+    let k = kernels(ty)?;
+    Some(format!(
+        "{ty}: dot_f32={} vec_dot={} dequantize=scalar quantize=scalar",
+        k.isa, k.vec_dot_isa
+    ))
 }
 
 /// The scalar reference kernels for `ty`, whatever the CPU offers.
@@ -84,21 +203,47 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<&'static Kernels> {
     scalar_table(ty)
 }
 
-/// Picks the kernel family for this CPU. Only the scalar family exists today.
-fn select() -> Table {
-    scalar_table
+/// The kernels of one family, or `None` when the CPU lacks it (or kt cannot compute with
+/// `ty`): for tests and benchmarks that compare families.
+pub fn kernels_for_isa(isa: Isa, ty: GgmlType) -> Option<&'static Kernels> {
+    if isa.available() {
+        (isa.table())(ty)
+    } else {
+        None
+    }
+}
+
+/// Picks the family: the best available one, lowered to `forced` (a `KT_ISA` value).
+fn select(forced: Option<&str>) -> Selection {
+    let best = Isa::best();
+    let Some(name) = forced.filter(|n| !n.trim().is_empty()) else {
+        return Selection { isa: best, note: None };
+    };
+    match Isa::from_name(name) {
+        Some(isa) if isa <= best => Selection { isa, note: None },
+        Some(isa) => Selection {
+            isa: best,
+            note: Some(format!("KT_ISA={isa} is not available on this CPU; using {best}")),
+        },
+        None => Selection {
+            isa: best,
+            note: Some(format!("KT_ISA={name:?} is not one of scalar, avx2, avx512; using {best}")),
+        },
+    }
 }
 
 macro_rules! scalar_tables {
     ($( $ty:ident => $vdt:ident, $deq:expr, $dot:expr, $vec_dot:expr, $quant:expr; )*) => {
+        /// The scalar tables, as constants the SIMD tables start from.
         #[allow(non_upper_case_globals)]
-        mod tables {
+        mod scalar_tables {
             use super::*;
             $(
-                pub(super) static $ty: Kernels = Kernels {
+                pub(super) const $ty: Kernels = Kernels {
                     ty: GgmlType::$ty,
                     vec_dot_type: GgmlType::$vdt,
                     isa: "scalar",
+                    vec_dot_isa: "scalar",
                     dequantize: $deq,
                     dot_f32: $dot,
                     vec_dot: $vec_dot,
@@ -109,7 +254,7 @@ macro_rules! scalar_tables {
 
         fn scalar_table(ty: GgmlType) -> Option<&'static Kernels> {
             match ty {
-                $( GgmlType::$ty => Some(&tables::$ty), )*
+                $( GgmlType::$ty => Some(&scalar_tables::$ty), )*
                 _ => None,
             }
         }
@@ -149,6 +294,44 @@ scalar_tables! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kt_isa_only_lowers_the_choice() {
+        let best = Isa::best();
+        assert_eq!(select(None).isa, best);
+        assert_eq!(select(Some("")).isa, best);
+        let s = select(Some("scalar"));
+        assert_eq!((s.isa, s.note), (Isa::Scalar, None));
+        for isa in Isa::ALL {
+            let s = select(Some(isa.name()));
+            if isa <= best {
+                assert_eq!((s.isa, s.note), (isa, None));
+            } else {
+                assert_eq!(s.isa, best);
+                assert!(s.note.unwrap().contains("not available"));
+            }
+        }
+        let s = select(Some("avx1024"));
+        assert_eq!(s.isa, best);
+        assert!(s.note.unwrap().contains("not one of"));
+        assert_eq!(select(Some(" AVX2 ")).isa, Isa::Avx2.min(best));
+    }
+
+    #[test]
+    fn every_family_covers_every_format() {
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            for ty in GgmlType::ALL {
+                let (k, s) = (kernels_for_isa(isa, ty), scalar_kernels(ty));
+                assert_eq!(k.is_some(), s.is_some(), "{isa} {ty}");
+                if let (Some(k), Some(s)) = (k, s) {
+                    assert_eq!((k.ty, k.vec_dot_type), (s.ty, s.vec_dot_type), "{isa} {ty}");
+                    assert!(k.isa == "scalar" || k.isa == isa.name(), "{isa} {ty}");
+                }
+            }
+        }
+        assert!(describe(GgmlType::Q4_K).unwrap().starts_with("q4_K: dot_f32="));
+        assert_eq!(selected_isa(), kernels(GgmlType::Q4_K).unwrap().isa);
+    }
 
     #[test]
     fn tables_are_consistent() {
