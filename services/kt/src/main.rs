@@ -13,6 +13,7 @@ use kt_tokenize::Tokenizer;
 
 mod chat;
 mod embedded;
+mod plan;
 
 #[derive(Parser)]
 #[command(name = "kt", version, about = "Serve Mixture-of-Experts LLMs across GPUs and CPU DRAM")]
@@ -29,6 +30,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Turn text into token ids, or ids back into text, with a model's tokenizer.
     Tokenize(TokenizeArgs),
+    /// Check or show a placement plan (rules/*.yaml) against a model's config or GGUF header.
+    Plan(plan::PlanArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -168,6 +171,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => run_tokenize(args),
+        Command::Plan(args) => plan::run(args),
     }
 }
 
