@@ -20,7 +20,7 @@ pub use generate::{
     generate, generate_in, FinishReason, GenerateParams, Generation, TokenLogprob, TokenOut,
 };
 pub use linear::MatmulMode;
-pub use load::{load, load_gguf, LoadedModel, ModelSource};
+pub use load::{load, load_gguf, open, LoadedModel, ModelParts, ModelSource};
 pub use model::{load_experts, Model, Sequence};
 pub use moe::{Experts, LocalExperts, Routing, ShardedExperts, NO_EXPERT};
 
@@ -39,6 +39,9 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("input: {0}")]
     Input(String),
+    /// The routed experts could not answer (an expert server died, stalled or refused).
+    #[error("experts: {0}")]
+    Experts(String),
     #[error(transparent)]
     Sample(#[from] kt_sample::SampleError),
 }

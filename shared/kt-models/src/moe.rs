@@ -149,6 +149,11 @@ impl LocalExperts {
         })
     }
 
+    /// Expert `expert` of `layer`, when it is held here.
+    pub fn expert(&self, layer: usize, expert: usize) -> Option<&Mlp> {
+        self.layers.get(layer).and_then(|es| es.get(expert)).and_then(Option::as_ref)
+    }
+
     /// Expert `e` of a fused `[experts, out, in]` tensor as a 2-D view (no copy).
     pub fn slice_expert(
         t: &WeightTensor,

@@ -1,0 +1,72 @@
+//! The expert tier: routed experts served over gRPC (`kt.v1.Expert`), and the worker's client.
+//!
+//! * [`ExpertService`] answers the `Forward` stream over a [`kt_models::LocalExperts`],
+//!   computing on a dedicated thread pool (pinned to a NUMA node's CPUs when asked, see
+//!   [`numa`]), never on the async executor. [`serve`] runs it on a listener; [`ServerHandle`]
+//!   runs it on its own runtime (tests, `kt serve`).
+//! * [`RemoteExperts`] implements [`kt_models::Experts`] over ONE long-lived `Forward` stream
+//!   per server; each call blocks on its answer with a timeout.
+//! * [`Selection`] parses `--experts` specs (which experts a server holds).
+//!
+//! Both sides prove they serve the same model at connect: the worker calls `Info` and compares
+//! the [`config_hash`]es, and sends its hash on `Forward`, where the server refuses a
+//! different one.
+
+pub mod numa;
+mod remote;
+mod select;
+mod server;
+
+pub use remote::{RemoteExperts, RemoteOptions};
+pub use select::Selection;
+pub use server::{load, serve, ExpertService, ServerHandle, ServerOptions};
+
+use kt_models::ModelConfig;
+use kt_proto::v1::ModelIdentity;
+
+/// Errors of the expert tier.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertError {
+    #[error(transparent)]
+    Model(#[from] kt_models::ModelError),
+    #[error("--experts `{spec}`: {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("expert server {addr}: cannot connect: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error(
+        "expert server {addr} serves a different model: it has `{theirs}` (config hash {theirs_hash:016x}), this process has `{ours}` (config hash {ours_hash:016x})"
+    )]
+    ModelMismatch { addr: String, ours: String, ours_hash: u64, theirs: String, theirs_hash: u64 },
+    #[error("expert server {addr}: {reason}")]
+    Protocol { addr: String, reason: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// 64-bit FNV-1a of the parsed config's text form: equal hashes mean both processes compute
+/// the same function at the expert seam (and around it).
+pub fn config_hash(config: &ModelConfig) -> u64 {
+    let text = format!("{config:?}");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// What `Info` says about the model `config` loaded from `name`.
+pub fn identity(name: &str, config: &ModelConfig) -> ModelIdentity {
+    let moe = config.moe.as_ref();
+    ModelIdentity {
+        name: name.to_string(),
+        arch: format!("{:?}", config.arch).to_lowercase(),
+        config_hash: config_hash(config),
+        hidden: config.hidden as u32,
+        n_layers: config.n_layers as u32,
+        n_experts: moe.map_or(0, |m| m.n_experts as u32),
+        top_k: moe.map_or(0, |m| m.top_k as u32),
+    }
+}
