@@ -5,6 +5,7 @@
 //! process; the expert tier's transports (shared memory, gRPC) implement the same trait.
 
 use kt_core::WeightTensor;
+use rayon::prelude::*;
 
 use crate::config::{MoeConfig, RoutedScaling, Scoring, TopkMethod};
 use crate::linear::Linear;
@@ -280,21 +281,28 @@ impl Experts for ShardedExperts {
         if let Some(&id) = routing.ids.iter().find(|&&id| id != NO_EXPERT && owner(id).is_none()) {
             return Err(ModelError::Input(format!("no shard holds expert {id} of layer {layer}")));
         }
+        // Every shard works at the same time (remote ones wait on the network); the partial
+        // sums are added in shard order, so the result does not depend on who answers first.
+        let parts = self
+            .shards
+            .par_iter()
+            .enumerate()
+            .map(|(i, shard)| {
+                let ids: Vec<u32> = routing
+                    .ids
+                    .iter()
+                    .map(|&id| if id != NO_EXPERT && owner(id) == Some(i) { id } else { NO_EXPERT })
+                    .collect();
+                if ids.iter().all(|&id| id == NO_EXPERT) {
+                    return Ok(None);
+                }
+                let sub = Routing { k: routing.k, ids, weights: routing.weights.clone() };
+                shard.experts.forward(layer, hidden, &sub).map(Some)
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
         let mut out = vec![0f32; hidden.len()];
-        for (i, shard) in self.shards.iter().enumerate() {
-            let ids: Vec<u32> = routing
-                .ids
-                .iter()
-                .map(|&id| if id != NO_EXPERT && owner(id) == Some(i) { id } else { NO_EXPERT })
-                .collect();
-            if ids.iter().all(|&id| id == NO_EXPERT) {
-                continue;
-            }
-            let part = shard.experts.forward(
-                layer,
-                hidden,
-                &Routing { k: routing.k, ids, weights: routing.weights.clone() },
-            )?;
+        for (i, part) in parts.into_iter().enumerate() {
+            let Some(part) = part else { continue };
             if part.len() != out.len() {
                 return Err(ModelError::Input(format!(
                     "shard {i} answered {} values for {} (hidden {})",
