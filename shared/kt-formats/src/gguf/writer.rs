@@ -175,6 +175,72 @@ impl GgufWriter {
         f.set_len(self.file_len())?;
         f.sync_all()
     }
+
+    /// Writes the file to `path` in one sequential pass, asking `fill(index, out)` for the bytes
+    /// of every tensor declared without data ([`GgufWriter::zero_tensor`]), in the order the
+    /// tensors were added; `index` counts all tensors. `fill` must write exactly the tensor's
+    /// size. Tensors given with data are written as they are. Nothing but the header is held
+    /// in memory, so files larger than memory can be streamed (the synthetic models of
+    /// `kt synth`).
+    pub fn write_with<F>(&self, path: impl AsRef<Path>, mut fill: F) -> io::Result<()>
+    where
+        F: FnMut(usize, &mut dyn Write) -> io::Result<()>,
+    {
+        let mut out = io::BufWriter::with_capacity(1 << 20, File::create(path)?);
+        let header = self.header();
+        out.write_all(&header)?;
+        let mut pos = 0u64;
+        for (i, (t, offset)) in self.tensors.iter().zip(self.offsets()).enumerate() {
+            write_zeros(&mut out, offset - pos)?;
+            match &t.data {
+                Some(d) => out.write_all(d)?,
+                None => {
+                    let mut counted = Counted { inner: &mut out, n: 0 };
+                    fill(i, &mut counted)?;
+                    if counted.n != t.n_bytes as u64 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "tensor `{}` takes {} bytes, {} were written",
+                                t.name, t.n_bytes, counted.n
+                            ),
+                        ));
+                    }
+                }
+            }
+            pos = offset + t.n_bytes as u64;
+        }
+        let f = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+        f.sync_all()
+    }
+}
+
+/// Counts the bytes written through it.
+struct Counted<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_zeros(out: &mut impl Write, mut n: u64) -> io::Result<()> {
+    const ZEROS: [u8; 256] = [0; 256];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        out.write_all(&ZEROS[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 fn writer_error(name: &str, reason: String) -> FormatError {
@@ -225,5 +291,54 @@ fn put_array(out: &mut Vec<u8>, a: &Array) {
         Array::String(v) => v.iter().for_each(|s| put_str(out, s)),
         Array::Array(v) => v.iter().for_each(|x| put_array(out, x)),
         other => other.iter().for_each(|x| put_value(out, &x)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_with_streams_the_same_bytes_as_to_bytes() {
+        let a: Vec<u8> = (0..3 * 4).map(|i| i as u8).collect();
+        let b: Vec<u8> = (0..34).map(|i| (i * 7) as u8).collect();
+        let mut w = GgufWriter::new();
+        w.metadata("general.architecture", "llama");
+        w.tensor("a", GgmlType::F32, vec![3], a.clone()).unwrap();
+        w.zero_tensor("b", GgmlType::Q8_0, vec![1, 32]).unwrap();
+        w.zero_tensor("c", GgmlType::F32, vec![5]).unwrap();
+        let expected = w.clone_with_data(&[(1, b.clone()), (2, vec![0; 20])]);
+        let dir = std::env::temp_dir().join(format!("kt-writer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stream.gguf");
+        w.write_with(&path, |i, out| match i {
+            1 => out.write_all(&b),
+            2 => out.write_all(&[0; 20]),
+            _ => unreachable!("tensor {i} has data"),
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected.to_bytes());
+        // A fill of the wrong size is an error.
+        let err = w.write_with(&path, |_, out| out.write_all(&[1, 2, 3])).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    impl GgufWriter {
+        fn clone_with_data(&self, data: &[(usize, Vec<u8>)]) -> GgufWriter {
+            let mut w = GgufWriter::new();
+            w.metadata = self.metadata.clone();
+            for (i, t) in self.tensors.iter().enumerate() {
+                let d = data.iter().find(|(j, _)| *j == i).map(|(_, d)| d.clone());
+                w.tensors.push(PendingTensor {
+                    name: t.name.clone(),
+                    ty: t.ty,
+                    shape: t.shape.clone(),
+                    n_bytes: t.n_bytes,
+                    data: d.or_else(|| t.data.clone()),
+                });
+            }
+            w
+        }
     }
 }
