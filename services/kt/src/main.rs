@@ -14,6 +14,7 @@ use kt_tokenize::Tokenizer;
 mod chat;
 mod embedded;
 mod plan;
+mod synth;
 
 #[derive(Parser)]
 #[command(name = "kt", version, about = "Serve Mixture-of-Experts LLMs across GPUs and CPU DRAM")]
@@ -32,6 +33,8 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Check or show a placement plan (rules/*.yaml) against a model's config or GGUF header.
     Plan(plan::PlanArgs),
+    /// Write a synthetic GGUF model with a known model's shapes and random valid weights.
+    Synth(synth::SynthArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -172,6 +175,7 @@ fn main() -> Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => run_tokenize(args),
         Command::Plan(args) => plan::run(args),
+        Command::Synth(args) => synth::run(args),
     }
 }
 
