@@ -11,6 +11,7 @@ use kt_models::{generate, GenerateParams, Generation, LoadedModel, MatmulMode, M
 use kt_sample::{Sampler, SamplingParams, StopChecker};
 use kt_tokenize::Tokenizer;
 
+mod bench;
 mod chat;
 mod embedded;
 mod plan;
@@ -35,6 +36,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Write a synthetic GGUF model with a known model's shapes and random valid weights.
     Synth(synth::SynthArgs),
+    /// Measure kt's parts (`transport`: one worker ↔ expert hop per transport).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -176,6 +179,7 @@ fn main() -> Result<()> {
         Command::Tokenize(args) => run_tokenize(args),
         Command::Plan(args) => plan::run(args),
         Command::Synth(args) => synth::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -12,11 +12,13 @@
 //! the [`config_hash`]es, and sends its hash on `Forward`, where the server refuses a
 //! different one.
 
+pub mod bench;
 pub mod numa;
 mod remote;
 mod select;
 mod server;
 
+pub use kt_proto::WireDType;
 pub use remote::{RemoteExperts, RemoteOptions};
 pub use select::Selection;
 pub use server::{load, serve, ExpertService, ServerHandle, ServerOptions};
@@ -43,6 +45,8 @@ pub enum ExpertError {
     Io(#[from] std::io::Error),
     #[error("transport: {0}")]
     Transport(String),
+    #[error("bench: {0}")]
+    Bench(String),
 }
 
 /// 64-bit FNV-1a of the parsed config's text form: equal hashes mean both processes compute

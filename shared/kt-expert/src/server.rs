@@ -10,7 +10,7 @@ use kt_proto::v1::expert_server::{Expert, ExpertServer};
 use kt_proto::v1::health_response::Status as Serving;
 use kt_proto::v1::{
     expert_response, ExpertError as WireExpertError, ExpertInfo, ExpertInfoRequest, ExpertRequest,
-    ExpertResponse, HealthRequest, HealthResponse, LayerExperts,
+    ExpertResponse, HealthRequest, HealthResponse, LayerExperts, ModelIdentity,
 };
 use kt_proto::{
     decode_request, encode_tensor_f32, hash_hex, ExpertCall, Limits, SeamShape, CONFIG_HASH_HEADER,
@@ -50,7 +50,7 @@ impl Default for ServerOptions {
 }
 
 struct Inner {
-    experts: LocalExperts,
+    experts: Arc<dyn Experts>,
     info: ExpertInfo,
     hash: u64,
     shape: SeamShape,
@@ -112,6 +112,40 @@ impl ExpertService {
                 _ => held.push(LayerExperts { layer: l as u32, experts: vec![e as u32] }),
             }
         }
+        let info = ExpertInfo {
+            model: Some(model.clone()),
+            held,
+            weight_type: weight_ty.map(|t| t.name().to_string()).unwrap_or_default(),
+            kernel_isa: weight_ty
+                .and_then(kt_quant::kernels)
+                .map(|k| k.isa.to_string())
+                .unwrap_or_default(),
+            bytes_held: bytes,
+            ..ExpertInfo::default()
+        };
+        Self::build(Arc::new(experts), &model, info, opts)
+    }
+
+    /// Serves any [`Experts`] implementation (benchmarks, tests, stand-ins) as the model
+    /// `model` (its hidden size, layers and experts bound what requests may carry), reporting
+    /// `held` in `Info`. The real server path is [`ExpertService::new`].
+    pub fn with_experts(
+        experts: Arc<dyn Experts>,
+        model: ModelIdentity,
+        held: Vec<LayerExperts>,
+        opts: ServerOptions,
+    ) -> Result<Self, ExpertError> {
+        let info = ExpertInfo { model: Some(model.clone()), held, ..ExpertInfo::default() };
+        Self::build(experts, &model, info, opts)
+    }
+
+    /// The compute pool and the rest of `info` (name, NUMA node, limits) from `opts`.
+    fn build(
+        experts: Arc<dyn Experts>,
+        model: &ModelIdentity,
+        mut info: ExpertInfo,
+        opts: ServerOptions,
+    ) -> Result<Self, ExpertError> {
         let cpus = opts.numa.and_then(|n| {
             let cpus = numa::node_cpus(n);
             if cpus.is_none() {
@@ -146,24 +180,14 @@ impl ExpertService {
             }
             _ => -1,
         };
-        let info = ExpertInfo {
-            name: opts.name.clone(),
-            model: Some(model.clone()),
-            held,
-            weight_type: weight_ty.map(|t| t.name().to_string()).unwrap_or_default(),
-            kernel_isa: weight_ty
-                .and_then(kt_quant::kernels)
-                .map(|k| k.isa.to_string())
-                .unwrap_or_default(),
-            numa_node,
-            bytes_held: bytes,
-            max_message_bytes: opts.limits.max_message_bytes as u64,
-            max_tokens: opts.limits.max_tokens as u32,
-        };
+        info.name = opts.name.clone();
+        info.numa_node = numa_node;
+        info.max_message_bytes = opts.limits.max_message_bytes as u64;
+        info.max_tokens = opts.limits.max_tokens as u32;
         let shape = SeamShape {
-            hidden: config.hidden,
-            n_layers: config.n_layers,
-            n_experts: config.moe.as_ref().map_or(0, |m| m.n_experts),
+            hidden: model.hidden as usize,
+            n_layers: model.n_layers as usize,
+            n_experts: model.n_experts as usize,
         };
         Ok(Self {
             inner: Arc::new(Inner {

@@ -1,0 +1,150 @@
+//! `kt bench transport`: the round-trip time of one MoE-layer hop (worker ↔ expert seam) over
+//! each transport that exists. The measuring is in `kt_expert::bench`.
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::{Args, Subcommand, ValueEnum};
+use kt_expert::bench::{self, BenchConfig, Measurement, Transport, NOT_IMPLEMENTED};
+use kt_expert::WireDType;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Round-trip time of one MoE-layer hop (hidden states + top-k out, expert sum back) per
+    /// transport, with experts that answer at once: p50/p99/mean/min in µs.
+    Transport(TransportArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    Bf16,
+    F32,
+}
+
+#[derive(Args)]
+struct TransportArgs {
+    /// Hidden sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2048,7168", env = "KT_BENCH_HIDDEN")]
+    hidden: Vec<usize>,
+    /// Tokens per hop, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,512", env = "KT_BENCH_TOKENS")]
+    tokens: Vec<usize>,
+    /// Measured hops per case (after warm-up). Default: by payload, 100 to 2000.
+    #[arg(long, env = "KT_BENCH_ITERS")]
+    iters: Option<usize>,
+    /// Element type of hidden states on the wire.
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16, env = "KT_BENCH_DTYPE")]
+    dtype: Dtype,
+    /// Experts per token.
+    #[arg(long, default_value_t = 8, env = "KT_BENCH_TOP_K")]
+    top_k: usize,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long, env = "KT_BENCH_JSON")]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command {
+        BenchCommand::Transport(a) => transport(a),
+    }
+}
+
+fn dtype_name(d: Option<WireDType>) -> &'static str {
+    match d {
+        Some(WireDType::Bf16) => "bf16",
+        Some(WireDType::F32) => "f32",
+        None => "-",
+    }
+}
+
+fn transport(a: TransportArgs) -> Result<()> {
+    let cfg = BenchConfig {
+        hiddens: a.hidden,
+        tokens: a.tokens,
+        iters: a.iters,
+        dtype: match a.dtype {
+            Dtype::Bf16 => WireDType::Bf16,
+            Dtype::F32 => WireDType::F32,
+        },
+        top_k: a.top_k,
+        ..BenchConfig::default()
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        writeln!(
+            out,
+            "one MoE-layer hop: [n × hidden] {} + top-{} ids/weights out, [n × hidden] back; \
+             experts answer zeros at once (transport only); {cpus} CPUs",
+            dtype_name(Some(cfg.dtype)),
+            cfg.top_k
+        )?;
+        writeln!(
+            out,
+            "{:<13} {:>6} {:>6} {:>5} {:>6} {:>10} {:>10} {:>10} {:>10}",
+            "transport", "hidden", "n", "wire", "iters", "p50 µs", "p99 µs", "mean µs", "min µs"
+        )?;
+        out.flush()?;
+    }
+    let json = a.json;
+    let rows = bench::run(&cfg, &Transport::ALL, |m: &Measurement| {
+        if !json {
+            let s = m.stats;
+            let _ = writeln!(
+                out,
+                "{:<13} {:>6} {:>6} {:>5} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                m.transport.name(),
+                m.hidden,
+                m.tokens,
+                dtype_name(m.dtype),
+                s.iters,
+                s.p50_us,
+                s.p99_us,
+                s.mean_us,
+                s.min_us
+            );
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        let results: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|m| {
+                let s = m.stats;
+                serde_json::json!({
+                    "transport": m.transport.name(),
+                    "hidden": m.hidden,
+                    "tokens": m.tokens,
+                    "wire_dtype": m.dtype.map(|d| dtype_name(Some(d))),
+                    "bytes_out": m.bytes_out,
+                    "bytes_back": m.bytes_back,
+                    "iters": s.iters,
+                    "p50_us": s.p50_us,
+                    "p99_us": s.p99_us,
+                    "mean_us": s.mean_us,
+                    "min_us": s.min_us,
+                    "max_us": s.max_us,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "dtype": dtype_name(Some(cfg.dtype)),
+            "top_k": cfg.top_k,
+            "cpus": cpus,
+            "results": results,
+            "not_implemented": NOT_IMPLEMENTED,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        for t in NOT_IMPLEMENTED {
+            writeln!(out, "{t}: not implemented yet")?;
+        }
+    }
+    Ok(())
+}
