@@ -4,7 +4,6 @@ use serde::Serialize;
 
 use kt_sample::Sampler;
 
-use crate::ops::log_softmax;
 use crate::{Model, ModelError, Sequence};
 
 /// What bounds a generation; how tokens are chosen is the [`Sampler`]'s business.
@@ -17,11 +16,8 @@ pub struct GenerateParams {
     pub stop_ids: Vec<u32>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct TokenLogprob {
-    pub id: u32,
-    pub logprob: f64,
-}
+/// One token's natural-log probability (kt-sample's type: the same in every layer).
+pub use kt_sample::TokenLogprob;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TokenOut {
@@ -91,10 +87,10 @@ pub fn generate_in(
     let mut finish = FinishReason::Length;
     let mut logits = model.forward(seq, new_tokens)?;
     for step in 0..params.max_tokens {
-        let lp = log_softmax(&logits);
         let id = sampler.sample(&logits)?;
-        let top = top_logprobs(&lp, params.top_logprobs);
-        let out = TokenOut { id, logprob: lp[id as usize], top_logprobs: top };
+        // The raw logits' log-softmax, before any sampling transform.
+        let lp = kt_sample::logprobs(&logits, id, params.top_logprobs)?;
+        let out = TokenOut { id, logprob: lp.chosen.logprob, top_logprobs: lp.top };
         let go_on = on_token(&out);
         tokens.push(out);
         if params.stop_ids.contains(&id) {
@@ -110,23 +106,4 @@ pub fn generate_in(
         }
     }
     Ok(Generation { prompt_tokens: new_tokens.to_vec(), tokens, finish_reason: finish })
-}
-
-fn top_logprobs(lp: &[f64], k: usize) -> Vec<TokenLogprob> {
-    let mut idx: Vec<usize> = (0..lp.len()).collect();
-    idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx.into_iter().map(|i| TokenLogprob { id: i as u32, logprob: lp[i] }).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_logprobs_are_sorted_with_ties_to_the_lower_id() {
-        let lp = [-2.0, -0.5, -2.0, -1.0];
-        let ids: Vec<u32> = top_logprobs(&lp, 3).iter().map(|t| t.id).collect();
-        assert_eq!(ids, vec![1, 3, 0]);
-    }
 }

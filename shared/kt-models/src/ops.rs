@@ -37,13 +37,6 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// Natural-log softmax in f64 (used for reported logprobs).
-pub fn log_softmax(x: &[f32]) -> Vec<f64> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    x.iter().map(|&v| v as f64 - lse).collect()
-}
-
 /// Precomputed rotary embedding: inverse frequencies and the cos/sin multiplier.
 #[derive(Clone, Debug)]
 pub struct Rope {
@@ -156,13 +149,6 @@ mod tests {
         let r = (30.0f32 / 4.0).sqrt();
         assert!((x[0] - 1.0 / r).abs() < 1e-6);
         assert!((x[3] - 8.0 / r).abs() < 1e-6);
-    }
-
-    #[test]
-    fn log_softmax_sums_to_one() {
-        let l = log_softmax(&[1.0, 2.0, 3.0]);
-        let s: f64 = l.iter().map(|v| v.exp()).sum();
-        assert!((s - 1.0).abs() < 1e-12);
     }
 
     #[test]
