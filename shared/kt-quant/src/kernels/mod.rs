@@ -8,12 +8,14 @@
 //!   Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and SIMD `vec_dot` for Q8_0·Q8_0, Q4_K·Q8_K, Q6_K·Q8_K;
 //! * `avx512` (AVX-512 F + BW + VL, on top of the AVX2 set): 16-lane `dot_f32` for the same
 //!   formats; its `vec_dot` entries are the AVX2 ones.
+//! * `vnni` (AVX-512 + VNNI): the AVX-512 table with `VPDPBUSD` `vec_dot` for Q8_0·Q8_0,
+//!   Q4_K/Q5_K/Q6_K/IQ4_XS·Q8_K, and `VDPBF16PS` BF16·BF16 where the CPU has AVX512_BF16.
 //!
 //! Every family's table covers all formats: entries without a SIMD version are the scalar
 //! ones ([`Kernels::isa`] names the family of `dot_f32`, [`Kernels::vec_dot_isa`] that of
 //! `vec_dot`; [`describe`] prints both). The family is chosen once per process, on first use:
 //! the best one the CPU has, or the one the environment variable `KT_ISA` names
-//! (`scalar`, `avx2`, `avx512`). `KT_ISA` can only lower the choice: naming a family the CPU
+//! (`scalar`, `avx2`, `avx512`, `vnni`). `KT_ISA` can only lower the choice: naming a family the CPU
 //! lacks (or an unknown name) keeps the best available one and records a message
 //! ([`isa_note`], also printed once to stderr).
 //!
@@ -23,8 +25,10 @@
 //! returns `None` for a family the CPU lacks); those `unsafe` calls, each with its
 //! `// SAFETY:` line, live in the SIMD modules and nowhere else.
 //!
-//! Accuracy: `dequantize`, `quantize` and `vec_dot` of every family are bit-identical to the
-//! scalar ones (the SIMD `vec_dot`s keep ggml's integer lanes and f32 operation order);
+//! Accuracy: `dequantize` and `quantize` of every family are bit-identical to the scalar ones,
+//! and so are the AVX2/AVX-512 `vec_dot`s (they keep ggml's integer lanes and f32 operation
+//! order); the `vnni` `vec_dot`s have exact integer sums but their own f32 order (tolerance
+//! in `tests/simd.rs`, see `vnni.rs`);
 //! `dot_f32` rebuilds each weight with the dequantizer's exact operations and differs only in
 //! summation order and FMA (tolerance in `tests/simd.rs`).
 //!
@@ -43,6 +47,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub(crate) mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 /// Expands one quantized row (`src`, whole blocks) into f32 values (`dst`).
 pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
@@ -60,7 +66,8 @@ pub struct Kernels {
     pub ty: GgmlType,
     /// The format activations must be in for [`Kernels::vec_dot`] (ggml's `vec_dot_type`).
     pub vec_dot_type: GgmlType,
-    /// The family of [`Kernels::dot_f32`] (`"scalar"`, `"avx2"` or `"avx512"`), for logs and
+    /// The family of [`Kernels::dot_f32`] (`"scalar"`, `"avx2"` or `"avx512"`; the `vnni`
+    /// tables keep the AVX-512 `dot_f32`), for logs and
     /// benches.
     pub isa: &'static str,
     /// The family of [`Kernels::vec_dot`] (a SIMD table may keep the scalar one).
@@ -90,11 +97,14 @@ pub enum Isa {
     Avx2,
     /// x86-64 with AVX-512 F, BW and VL (and the AVX2 set).
     Avx512,
+    /// AVX-512 plus VNNI (`VPDPBUSD`); its BF16 `vec_dot` also needs AVX512_BF16 and is the
+    /// AVX-512 one without it.
+    Vnni,
 }
 
 impl Isa {
     /// Every family, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Vnni];
 
     /// The name `KT_ISA` accepts and [`Kernels::isa`] reports.
     pub fn name(self) -> &'static str {
@@ -102,6 +112,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Vnni => "vnni",
         }
     }
 
@@ -127,6 +138,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => Isa::Avx512.available() && is_x86_feature_detected!("avx512vnni"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -143,6 +156,8 @@ impl Isa {
             Isa::Avx2 => avx2::table,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512::table,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => vnni::table,
             _ => scalar_table,
         }
     }
@@ -178,7 +193,7 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
     (selection().isa.table())(ty)
 }
 
-/// The kernel family [`kernels`] uses (`"scalar"`, `"avx2"` or `"avx512"`).
+/// The kernel family [`kernels`] uses (`"scalar"`, `"avx2"`, `"avx512"` or `"vnni"`).
 pub fn selected_isa() -> &'static str {
     selection().isa.name()
 }
@@ -227,7 +242,9 @@ fn select(forced: Option<&str>) -> Selection {
         },
         None => Selection {
             isa: best,
-            note: Some(format!("KT_ISA={name:?} is not one of scalar, avx2, avx512; using {best}")),
+            note: Some(format!(
+                "KT_ISA={name:?} is not one of scalar, avx2, avx512, vnni; using {best}"
+            )),
         },
     }
 }
@@ -325,12 +342,14 @@ mod tests {
                 assert_eq!(k.is_some(), s.is_some(), "{isa} {ty}");
                 if let (Some(k), Some(s)) = (k, s) {
                     assert_eq!((k.ty, k.vec_dot_type), (s.ty, s.vec_dot_type), "{isa} {ty}");
-                    assert!(k.isa == "scalar" || k.isa == isa.name(), "{isa} {ty}");
+                    let fam = |n: &str| Isa::from_name(n).unwrap();
+                    assert!(fam(k.isa) <= isa && fam(k.vec_dot_isa) <= isa, "{isa} {ty}");
                 }
             }
         }
         assert!(describe(GgmlType::Q4_K).unwrap().starts_with("q4_K: dot_f32="));
-        assert_eq!(selected_isa(), kernels(GgmlType::Q4_K).unwrap().isa);
+        let q4k = kernels(GgmlType::Q4_K).unwrap();
+        assert!(selected_isa() == q4k.isa || selected_isa() == q4k.vec_dot_isa);
     }
 
     #[test]

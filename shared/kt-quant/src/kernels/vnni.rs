@@ -1,0 +1,406 @@
+//! AVX-512 VNNI kernels (x86-64 only), reached only through [`table`] after
+//! [`super::Isa::Vnni`] was detected (AVX-512 F/BW/VL + VNNI, on top of the AVX2 set).
+//!
+//! `vec_dot` of Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS against Q8_0/Q8_K activations with
+//! `VPDPBUSD` (`_mm512_dpbusd_epi32` / `_mm256_dpbusd_epi32`: four u8 × i8 products added to an
+//! i32 lane), and, where the CPU also has AVX512_BF16, `vec_dot` of BF16 × BF16 with
+//! `VDPBF16PS`.
+//!
+//! Accuracy: the integer sums of every block (and sub-block scale products) are exact, as in
+//! the scalar kernels; what differs is the f32 part: the block scale `d` multiplies the
+//! integer lanes of VPDPBUSD (4 consecutive products each) instead of ggml's eight `i % 8`
+//! lanes, and the products are accumulated with FMA in sixteen lanes. So results are not
+//! bit-identical to the scalar reference (nor are ggml's own SIMD kernels to its generic
+//! ones); `tests/simd.rs` states the tolerance. The BF16 product follows VDPBF16PS semantics
+//! (pairs of bf16 products added in f32 with round-to-nearest-even, denormal inputs and
+//! outputs flushed to zero), against the scalar kernel's f64 sum.
+//!
+//! Unsigned × signed: VPDPBUSD multiplies unsigned bytes by signed ones. Q4_K/Q5_K/Q6_K
+//! weights are stored unsigned (Q6_K's `q - 32` offset is applied through the activations'
+//! block sums); Q8_0 and IQ4_XS weights are signed, so they are offset by +128 (`w ^ 0x80`)
+//! and `128 · Σa` is subtracted, which is exact for every byte value (-128 included).
+//!
+//! Q8_K block sums: the K-quant kernels here take `Σa` per 16 values from the activations'
+//! `bsums` (as ggml's SIMD kernels do), which every Q8_K quantizer writes as the sums of the
+//! quants. Q4_K and Q5_K's scalar kernels read them too; for Q6_K and IQ4_XS a Q8_K row whose
+//! `bsums` disagree with its quants gives another (finite) number than the scalar kernel.
+#![allow(unsafe_code)] // std::arch loads and calls of #[target_feature] functions
+#![allow(clippy::needless_range_loop)] // block offsets mirror the layouts in blocks.rs
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::{avx512, Kernels};
+use crate::blocks::{k4_scales_mins, KVALUES_IQ4NL};
+use kt_core::GgmlType;
+
+macro_rules! entry {
+    ($name:ident => $imp:ident($a:ident: $ta:ty, $b:ident: $tb:ty) -> $r:ty) => {
+        fn $name($a: $ta, $b: $tb) -> $r {
+            // SAFETY: these functions are only stored in the tables of this module, which
+            // `kernels_for_isa`/`select` hand out only after `Isa::Vnni.available()` returned
+            // true: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C are present.
+            unsafe { $imp($a, $b) }
+        }
+    };
+}
+
+/// Builds a `vnni` table entry from the AVX-512 one (its `dot_f32`, `isa` and scalar
+/// entries stay).
+macro_rules! with_vec_dot {
+    ($ty:ident, $f:expr) => {{
+        match avx512::table(GgmlType::$ty) {
+            Some(base) => Kernels { vec_dot: $f, vec_dot_isa: "vnni", ..*base },
+            None => return None,
+        }
+    }};
+}
+
+/// The VNNI table of `ty`: the AVX-512 table with VNNI `vec_dot`s where this module has them.
+pub(super) fn table(ty: GgmlType) -> Option<&'static Kernels> {
+    use std::sync::OnceLock;
+    static T: OnceLock<[Option<Kernels>; 6]> = OnceLock::new();
+    let t = T.get_or_init(|| {
+        let mk = |ty: GgmlType| -> Option<Kernels> {
+            Some(match ty {
+                GgmlType::Q8_0 => with_vec_dot!(Q8_0, vec_dot_q8_0),
+                GgmlType::Q4_K => with_vec_dot!(Q4_K, vec_dot_q4_k),
+                GgmlType::Q5_K => with_vec_dot!(Q5_K, vec_dot_q5_k),
+                GgmlType::Q6_K => with_vec_dot!(Q6_K, vec_dot_q6_k),
+                GgmlType::IQ4_XS => with_vec_dot!(IQ4_XS, vec_dot_iq4_xs),
+                GgmlType::BF16 if bf16_available() => with_vec_dot!(BF16, vec_dot_bf16),
+                _ => return None,
+            })
+        };
+        [
+            mk(GgmlType::Q8_0),
+            mk(GgmlType::Q4_K),
+            mk(GgmlType::Q5_K),
+            mk(GgmlType::Q6_K),
+            mk(GgmlType::IQ4_XS),
+            mk(GgmlType::BF16),
+        ]
+    });
+    let i = match ty {
+        GgmlType::Q8_0 => 0,
+        GgmlType::Q4_K => 1,
+        GgmlType::Q5_K => 2,
+        GgmlType::Q6_K => 3,
+        GgmlType::IQ4_XS => 4,
+        GgmlType::BF16 => 5,
+        _ => return avx512::table(ty),
+    };
+    t[i].as_ref().or_else(|| avx512::table(ty))
+}
+
+/// Whether the CPU has AVX512_BF16 (the BF16 `vec_dot` of this table needs it on top of
+/// [`super::Isa::Vnni`]).
+pub(super) fn bf16_available() -> bool {
+    is_x86_feature_detected!("avx512bf16")
+}
+
+entry!(vec_dot_q8_0 => q8_0_q8_0(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q4_k => q4_k_q8_k(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q5_k => q5_k_q8_k(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q6_k => q6_k_q8_k(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_iq4_xs => iq4_xs_q8_k(w: &[u8], a: &[u8]) -> f32);
+
+fn vec_dot_bf16(w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: this function is only stored in the BF16 entry of this module's table, which is
+    // built only when `bf16_available()` (AVX512_BF16) holds, and the table is only handed out
+    // after `Isa::Vnni.available()` (AVX-512 F/BW/VL) returned true.
+    unsafe { bf16_bf16(w, a) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+#[inline(always)]
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// `b[at..at + 16]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn ld128(b: &[u8], at: usize) -> __m128i {
+    let s = &b[at..at + 16];
+    // SAFETY: `s` holds 16 readable bytes; the load is unaligned.
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+/// `b[at..at + 32]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn ld256(b: &[u8], at: usize) -> __m256i {
+    let s = &b[at..at + 32];
+    // SAFETY: `s` holds 32 readable bytes; the load is unaligned.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+/// `b[at..at + 64]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn ld512(b: &[u8], at: usize) -> __m512i {
+    let s = &b[at..at + 64];
+    // SAFETY: `s` holds 64 readable bytes; the load is unaligned.
+    unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
+}
+
+/// Two 32-byte halves as one register (`lo` in bytes 0..32).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn join(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// Σ over the 16 i16 `bsums` of a Q8_K block at `y[260..292]` times `mult[i]` (i16 each).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn bsums_dot(y: &[u8], mult: __m256i) -> i32 {
+    let p = _mm256_madd_epi16(ld256(y, 260), mult);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256::<1>(p));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// vec_dot
+// ---------------------------------------------------------------------------------------------
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    let n = (w.len() / 34).min(a.len() / 34);
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = _mm512_setzero_ps();
+    let mut b = 0;
+    // Two blocks per register: lanes 0..8 block b, lanes 8..16 block b + 1.
+    while b + 2 <= n {
+        let (x0, x1) = (&w[34 * b..34 * b + 34], &w[34 * b + 34..34 * b + 68]);
+        let (y0, y1) = (&a[34 * b..34 * b + 34], &a[34 * b + 34..34 * b + 68]);
+        let wq = _mm512_xor_si512(join(ld256(x0, 2), ld256(x1, 2)), flip);
+        let aq = join(ld256(y0, 2), ld256(y1, 2));
+        // Σ (w + 128) a − 128 Σ a = Σ w a, four products per lane.
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, aq);
+        let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, aq);
+        let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(p, c));
+        let d = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(f16_at(x0, 0) * f16_at(y0, 0)),
+            _mm512_set1_ps(f16_at(x1, 0) * f16_at(y1, 0)),
+        );
+        acc = _mm512_fmadd_ps(d, s, acc);
+        b += 2;
+    }
+    let mut sumf = _mm512_reduce_add_ps(acc);
+    if b < n {
+        let (x, y) = (&w[34 * b..34 * b + 34], &a[34 * b..34 * b + 34]);
+        let flip = _mm256_set1_epi8(-128);
+        let aq = ld256(y, 2);
+        let p =
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(ld256(x, 2), flip), aq);
+        let c = _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, aq);
+        let v = _mm256_sub_epi32(p, c);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)));
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}
+
+/// Q4_K and Q5_K: `hbits(j)` gives the fifth bits (already `<< 4`) of the 64 values of chunk
+/// `j` (values `64j..64j + 64`) in byte order, or zero; `qs` is the offset of the nibbles.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn k4_q8_k(
+    w: &[u8],
+    a: &[u8],
+    bytes: usize,
+    qs: usize,
+    hbits: impl Fn(&[u8], usize) -> __m512i,
+) -> f32 {
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = _mm512_setzero_ps();
+    let mut sumf = 0f32;
+    for (x, y) in w.chunks_exact(bytes).zip(a.chunks_exact(292)) {
+        let mut sc12 = [0u8; 12];
+        sc12.copy_from_slice(&x[4..16]);
+        let (sc, mn) = k4_scales_mins(&sc12);
+        // Minimums: Σ_j bsums[j] · mins[j / 2].
+        let mins16: [i16; 16] = std::array::from_fn(|j| mn[j / 2] as i16);
+        // SAFETY: `mins16` holds 16 readable i16 (32 bytes); the load is unaligned.
+        let mv = unsafe { _mm256_loadu_si256(mins16.as_ptr().cast()) };
+        let summ = bsums_dot(y, mv);
+        let mut isum = _mm512_setzero_si512();
+        for j in 0..4 {
+            let q4 = ld256(x, qs + 32 * j);
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            let q = _mm512_or_si512(join(lo, hi), hbits(x, j));
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ld512(y, 4 + 64 * j));
+            // Lanes 0..8: sub-block 2j, lanes 8..16: sub-block 2j + 1.
+            let s = _mm512_mask_blend_epi32(
+                0xFF00,
+                _mm512_set1_epi32(sc[2 * j] as i32),
+                _mm512_set1_epi32(sc[2 * j + 1] as i32),
+            );
+            isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
+        }
+        let yd = f32_at(y, 0);
+        let d = f16_at(x, 0) * yd;
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+        let dmin = f16_at(x, 2) * yd;
+        sumf -= dmin * summ as f32;
+    }
+    sumf + _mm512_reduce_add_ps(acc)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    k4_q8_k(w, a, 144, 16, |_, _| _mm512_setzero_si512())
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    let c16 = _mm256_set1_epi8(16);
+    k4_q8_k(w, a, 176, 48, |x, j| {
+        // qh[l] bit 2j → value 64j + l, bit 2j + 1 → value 64j + 32 + l; moved to bit 4.
+        let h = ld256(x, 16);
+        let sh = _mm_cvtsi32_si128(2 * j as i32);
+        let h1 = _mm256_srl_epi16(h, sh);
+        let lo = _mm256_and_si256(_mm256_slli_epi16::<4>(h1), c16);
+        let hi = _mm256_and_si256(_mm256_slli_epi16::<3>(h1), c16);
+        join(lo, hi)
+    })
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    let (m4, m3) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+    // Lane l of register c (values 64c..64c + 64) belongs to group 4c + l / 4.
+    let idx: [__m128i; 4] = std::array::from_fn(|c| {
+        let v: [u8; 16] = std::array::from_fn(|l| (4 * c + l / 4) as u8);
+        // SAFETY: `v` holds 16 readable bytes; the load is unaligned.
+        unsafe { _mm_loadu_si128(v.as_ptr().cast()) }
+    });
+    let mut sumf = 0f32;
+    for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)) {
+        let scales = ld128(x, 192);
+        // The −32 offset: 32 · Σ_g scale[g] · bsums[g].
+        let off = bsums_dot(y, _mm256_cvtepi8_epi16(scales));
+        let mut isum = _mm512_setzero_si512();
+        for n in 0..2 {
+            let a0 = ld256(x, 64 * n);
+            let a1 = ld256(x, 64 * n + 32);
+            let h = ld256(x, 128 + 32 * n);
+            let hb = |s: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(s, m3));
+            let nib = |s: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(s), m4);
+            // Values 128n + 32m + l for m = 0..4, unsigned 0..64.
+            let q0 = _mm256_or_si256(_mm256_and_si256(a0, m4), hb(h));
+            let q1 = _mm256_or_si256(_mm256_and_si256(a1, m4), hb(_mm256_srli_epi16::<2>(h)));
+            let q2 = _mm256_or_si256(nib(a0), hb(_mm256_srli_epi16::<4>(h)));
+            let q3 = _mm256_or_si256(nib(a1), hb(_mm256_srli_epi16::<6>(h)));
+            for (c, q) in [(2 * n, join(q0, q1)), (2 * n + 1, join(q2, q3))] {
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ld512(y, 4 + 64 * c));
+                let s = _mm512_cvtepi8_epi32(_mm_shuffle_epi8(scales, idx[c]));
+                isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
+            }
+        }
+        // Exact in i32: |Σ q a s| < 64 · 128 · 128 · 256 and |32 · off| < 32 · 128 · 2048 · 16.
+        let total = _mm512_reduce_add_epi32(isum) - 32 * off;
+        sumf += (f16_at(x, 208) * f32_at(y, 0)) * total as f32;
+    }
+    sumf
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn iq4_xs_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    // KVALUES_IQ4NL + 128 as unsigned bytes (1..=241), in every 128-bit lane.
+    let t: [u8; 16] = std::array::from_fn(|i| (KVALUES_IQ4NL[i] as i32 + 128) as u8);
+    // SAFETY: `t` holds 16 readable bytes; the load is unaligned.
+    let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) });
+    let m4 = _mm_set1_epi8(0xF);
+    let mut sumf = 0f32;
+    for (x, y) in w.chunks_exact(136).zip(a.chunks_exact(292)) {
+        let sh = u16::from_le_bytes([x[2], x[3]]);
+        // Scales of the eight 32-value groups; lane l of register c is in group 2c + l / 8.
+        let ls: [i32; 8] = std::array::from_fn(|ib| {
+            (((x[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | ((((sh >> (2 * ib)) & 3) as u8) << 4))
+                as i32
+                - 32
+        });
+        // Offset: 128 · Σ_ib ls[ib] · (bsums[2ib] + bsums[2ib + 1]).
+        let m16: [i16; 16] = std::array::from_fn(|g| ls[g / 2] as i16);
+        // SAFETY: `m16` holds 16 readable i16 (32 bytes); the load is unaligned.
+        let off = bsums_dot(y, unsafe { _mm256_loadu_si256(m16.as_ptr().cast()) });
+        let mut isum = _mm512_setzero_si512();
+        for c in 0..4 {
+            // Groups 2c and 2c + 1: 16 bytes each, low nibbles first.
+            let b0 = ld128(x, 8 + 32 * c);
+            let b1 = ld128(x, 8 + 32 * c + 16);
+            let lo0 = _mm_and_si128(b0, m4);
+            let hi0 = _mm_and_si128(_mm_srli_epi16::<4>(b0), m4);
+            let lo1 = _mm_and_si128(b1, m4);
+            let hi1 = _mm_and_si128(_mm_srli_epi16::<4>(b1), m4);
+            let i0 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo0), hi0);
+            let i1 = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo1), hi1);
+            let q = _mm512_shuffle_epi8(table, join(i0, i1));
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ld512(y, 4 + 64 * c));
+            let s = _mm512_mask_blend_epi32(
+                0xFF00,
+                _mm512_set1_epi32(ls[2 * c]),
+                _mm512_set1_epi32(ls[2 * c + 1]),
+            );
+            isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
+        }
+        // Exact in i32: |Σ (k + 128) a ls| < 241 · 128 · 256 · 32 and |128 · off| < 2^27.
+        let total = _mm512_reduce_add_epi32(isum) - 128 * off;
+        sumf += (f16_at(x, 0) * f32_at(y, 0)) * total as f32;
+    }
+    sumf
+}
+
+// ---------------------------------------------------------------------------------------------
+// BF16
+// ---------------------------------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn ld_bh(b: &[u8], at: usize) -> __m512bh {
+    let s = &b[at..at + 64];
+    // SAFETY: `s` holds 64 readable bytes (32 bf16); the load is unaligned, and __m512i and
+    // __m512bh are both 512-bit vectors of plain bits, so the transmute is a reinterpretation.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(s.as_ptr().cast())) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+fn bf16_bf16(w: &[u8], a: &[u8]) -> f32 {
+    let n = w.len().min(a.len()) / 2;
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 64 <= n {
+        acc[0] = _mm512_dpbf16_ps(acc[0], ld_bh(w, 2 * i), ld_bh(a, 2 * i));
+        acc[1] = _mm512_dpbf16_ps(acc[1], ld_bh(w, 2 * i + 64), ld_bh(a, 2 * i + 64));
+        i += 64;
+    }
+    while i + 32 <= n {
+        acc[0] = _mm512_dpbf16_ps(acc[0], ld_bh(w, 2 * i), ld_bh(a, 2 * i));
+        i += 32;
+    }
+    let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    let bf = |b: &[u8], j: usize| {
+        f32::from_bits((u16::from_le_bytes([b[2 * j], b[2 * j + 1]]) as u32) << 16)
+    };
+    for j in i..n {
+        sum += bf(w, j) * bf(a, j);
+    }
+    sum
+}
