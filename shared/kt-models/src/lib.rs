@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod kv;
 pub mod linear;
 mod load;
 pub mod model;
@@ -19,9 +20,10 @@ pub use config::{Arch, ModelConfig};
 pub use generate::{
     generate, generate_in, FinishReason, GenerateParams, Generation, TokenLogprob, TokenOut,
 };
+pub use kv::{KvPool, SeqKv};
 pub use linear::MatmulMode;
 pub use load::{load, load_gguf, open, LoadedModel, ModelParts, ModelSource};
-pub use model::{load_experts, Model, Sequence};
+pub use model::{load_experts, Model, Sequence, Step};
 pub use moe::{Experts, LocalExperts, Routing, ShardedExperts, NO_EXPERT};
 
 /// Errors of building or running a model.
@@ -37,6 +39,9 @@ pub enum ModelError {
     Shape(String),
     #[error("missing tensor `{0}`")]
     MissingTensor(String),
+    /// The KV cache has too few free blocks for a step; nothing was run.
+    #[error("KV cache full: the step needs {needed} blocks, {free} free")]
+    KvFull { needed: usize, free: usize },
     #[error("input: {0}")]
     Input(String),
     /// The routed experts could not answer (an expert server died, stalled or refused).

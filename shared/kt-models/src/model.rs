@@ -6,7 +6,10 @@ use std::sync::Arc;
 use kt_core::{GgmlType, SharedBytes, WeightTensor};
 use kt_formats::TensorSource;
 
+use rayon::prelude::*;
+
 use crate::config::{AttentionConfig, ModelConfig, RopeScaling};
+use crate::kv::{KvPool, SeqKv};
 use crate::linear::{row_f32, to_f32, Linear, MatmulMode};
 use crate::moe::{route, Experts, LocalExperts, Mlp};
 use crate::names::{ExpertTensor, LayerTensor as T, Scheme};
@@ -81,46 +84,69 @@ struct Layer {
     ffn: Ffn,
 }
 
-/// Per-sequence state: the KV cache of every layer and the next position.
-#[derive(Debug, Default)]
+/// A sequence run on its own, outside a batching scheduler: its KV cache in a pool of its own
+/// that grows as needed. A scheduler keeps one [`KvPool`] for all sequences instead and calls
+/// [`Model::forward_batch`].
+#[derive(Debug)]
 pub struct Sequence {
-    caches: Vec<LayerCache>,
-    pos: usize,
+    pool: KvPool,
+    kv: SeqKv,
 }
 
 impl Sequence {
     /// Number of tokens already processed.
     pub fn len(&self) -> usize {
-        self.pos
+        self.kv.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pos == 0
+        self.kv.is_empty()
     }
 
     /// Forgets every position from `len` on, so that a conversation can continue from a
     /// shared prefix (no-op when `len` is not shorter).
     pub fn truncate(&mut self, len: usize) {
-        if len >= self.pos {
-            return;
-        }
-        for c in &mut self.caches {
-            // Every layer holds exactly `pos` entries of a fixed width.
-            let (kw, vw) = (c.k.len() / self.pos, c.v.len() / self.pos);
-            c.k.truncate(kw * len);
-            c.v.truncate(vw * len);
-        }
-        self.pos = len;
+        self.pool.truncate(&mut self.kv, len);
     }
 }
 
-#[derive(Debug, Default)]
-struct LayerCache {
-    /// GQA: keys `[pos][kv_heads][head_dim]`; MLA: normalized latents `[pos][kv_lora]`.
-    k: Vec<f32>,
-    /// GQA: values; MLA: roped shared keys `[pos][rope]`.
-    v: Vec<f32>,
+/// One sequence's part of a batched step: `tokens` to run after the positions `kv` holds.
+#[derive(Debug)]
+pub struct Step<'a> {
+    pub kv: &'a mut SeqKv,
+    pub tokens: &'a [u32],
 }
+
+/// Where a step's tokens sit in the batch: rows `start..start + n` at positions `pos..`.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: usize,
+    pos: usize,
+}
+
+/// The batch as attention sees it: each token's segment, and the segments' block tables.
+struct Batch<'a> {
+    segments: Vec<Segment>,
+    tables: Vec<&'a [u32]>,
+    /// For every row of the batch, the index of its segment.
+    row_segment: Vec<usize>,
+}
+
+impl Batch<'_> {
+    fn rows(&self) -> usize {
+        self.row_segment.len()
+    }
+
+    /// Segment index and position of batch row `row`.
+    fn locate(&self, row: usize) -> (usize, usize) {
+        let s = self.row_segment[row];
+        let seg = self.segments[s];
+        (s, seg.pos + row - seg.start)
+    }
+}
+
+/// Positions per block of a lone [`Sequence`]'s own cache.
+const SEQUENCE_BLOCK_TOKENS: usize = 64;
 
 /// A loaded model on the CPU backend.
 pub struct Model {
@@ -384,52 +410,103 @@ impl Model {
         Ok(MoeBlock { router, router_bias, shared, shared_gate })
     }
 
-    /// A fresh sequence with an empty KV cache.
+    /// A fresh sequence with an empty KV cache of its own.
     pub fn new_sequence(&self) -> Sequence {
-        Sequence { caches: (0..self.layers.len()).map(|_| LayerCache::default()).collect(), pos: 0 }
+        Sequence { pool: KvPool::growable(&self.config, SEQUENCE_BLOCK_TOKENS), kv: SeqKv::new() }
     }
 
     /// Runs `tokens` through the model after what `seq` holds and returns the logits of the
     /// last one.
     pub fn forward(&self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let n = tokens.len();
+        let Sequence { pool, kv } = seq;
+        let mut logits = self.forward_batch(pool, &mut [Step { kv, tokens }])?;
+        logits.pop().ok_or_else(|| ModelError::Input("no logits".into()))
+    }
+
+    /// Runs one iteration of a batch: every step's tokens after what its sequence holds in
+    /// `pool` (a decode step is one token, a prefill chunk several), all through each weight
+    /// matrix at once. Returns, per step, the logits of its last token.
+    ///
+    /// Each token's result is the same as when its sequence runs alone: every row of a
+    /// product and every attention row is computed independently, in the same order.
+    /// Blocks for the new positions are taken from `pool` first; when it has too few, nothing
+    /// runs and [`ModelError::KvFull`] says how many were missing.
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        steps: &mut [Step<'_>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let h = self.config.hidden;
-        if n == 0 {
-            return Err(ModelError::Input("no tokens to process".into()));
+        if steps.is_empty() {
+            return Ok(Vec::new());
         }
-        if seq.caches.len() != self.layers.len() {
-            return Err(ModelError::Input("sequence belongs to another model".into()));
+        if !pool.fits(&self.config) {
+            return Err(ModelError::Input("KV cache belongs to another model".into()));
         }
-        let mut x = vec![0f32; n * h];
-        for (t, &id) in tokens.iter().enumerate() {
-            if id as usize >= self.config.vocab_size {
+        let vocab = self.config.vocab_size;
+        for step in steps.iter() {
+            if step.tokens.is_empty() {
+                return Err(ModelError::Input("no tokens to process".into()));
+            }
+            if let Some(id) = step.tokens.iter().find(|&&id| id as usize >= vocab) {
                 return Err(ModelError::Input(format!(
-                    "token id {id} is outside the vocabulary of {}",
-                    self.config.vocab_size
+                    "token id {id} is outside the vocabulary of {vocab}"
                 )));
             }
-            row_f32(&self.embed, id as usize, &mut x[t * h..(t + 1) * h])?;
         }
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut y = x.clone();
-            rms_norm(&mut y, &layer.attn_norm, self.config.rms_eps);
-            let a = match &layer.attn {
-                Attention::Gqa(g) => self.gqa(g, &mut seq.caches[l], seq.pos, &y, n),
-                Attention::Mla(m) => self.mla(m, &mut seq.caches[l], seq.pos, &y, n),
-            };
-            add(&mut x, &a);
-            let mut y = x.clone();
-            rms_norm(&mut y, &layer.ffn_norm, self.config.rms_eps);
-            let f = match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&y, n),
-                Ffn::Moe(b) => self.moe(l, b, &y, n)?,
-            };
-            add(&mut x, &f);
+        let needed: usize =
+            steps.iter().map(|s| pool.blocks_needed(s.kv, s.kv.len() + s.tokens.len())).sum();
+        if needed > pool.free_blocks() && !pool.is_growable() {
+            return Err(ModelError::KvFull { needed, free: pool.free_blocks() });
         }
-        seq.pos += n;
-        let mut last = x[(n - 1) * h..].to_vec();
+        for step in steps.iter_mut() {
+            let total = step.kv.len() + step.tokens.len();
+            pool.reserve(step.kv, total)?;
+        }
+        let mut segments = Vec::with_capacity(steps.len());
+        let mut row_segment = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            segments.push(Segment { start: row_segment.len(), pos: step.kv.len() });
+            row_segment.extend(std::iter::repeat_n(i, step.tokens.len()));
+        }
+        let rows = row_segment.len();
+        let mut x = vec![0f32; rows * h];
+        for (id, row) in steps.iter().flat_map(|s| s.tokens).zip(x.chunks_exact_mut(h)) {
+            row_f32(&self.embed, *id as usize, row)?;
+        }
+        {
+            let batch = Batch {
+                tables: steps.iter().map(|s| s.kv.blocks()).collect(),
+                segments,
+                row_segment,
+            };
+            for (l, layer) in self.layers.iter().enumerate() {
+                let mut y = x.clone();
+                rms_norm(&mut y, &layer.attn_norm, self.config.rms_eps);
+                let a = match &layer.attn {
+                    Attention::Gqa(g) => self.gqa(g, pool, l, &batch, &y),
+                    Attention::Mla(m) => self.mla(m, pool, l, &batch, &y),
+                };
+                add(&mut x, &a);
+                let mut y = x.clone();
+                rms_norm(&mut y, &layer.ffn_norm, self.config.rms_eps);
+                let f = match &layer.ffn {
+                    Ffn::Dense(mlp) => mlp.forward(&y, rows),
+                    Ffn::Moe(b) => self.moe(l, b, &y, rows)?,
+                };
+                add(&mut x, &f);
+            }
+        }
+        let mut last = Vec::with_capacity(steps.len() * h);
+        let mut end = 0;
+        for step in steps.iter_mut() {
+            step.kv.advance(step.tokens.len());
+            end += step.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+        }
         rms_norm(&mut last, &self.final_norm, self.config.rms_eps);
-        Ok(self.lm_head.forward(&last, 1))
+        let logits = self.lm_head.forward(&last, steps.len());
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     fn moe(&self, l: usize, b: &MoeBlock, x: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
@@ -454,57 +531,54 @@ impl Model {
         Ok(out)
     }
 
-    fn gqa(&self, g: &Gqa, cache: &mut LayerCache, pos: usize, x: &[f32], n: usize) -> Vec<f32> {
+    fn gqa(&self, g: &Gqa, pool: &mut KvPool, l: usize, b: &Batch<'_>, x: &[f32]) -> Vec<f32> {
         let hd = g.head_dim;
+        let n = b.rows();
         let mut q = g.q.forward(x, n);
         let mut k = g.k.forward(x, n);
         let v = g.v.forward(x, n);
-        for (t, (qt, kt)) in q
-            .chunks_exact_mut(g.n_heads * hd)
-            .zip(k.chunks_exact_mut(g.n_kv_heads * hd))
-            .enumerate()
-        {
+        let kd = g.n_kv_heads * hd;
+        let rows = q.chunks_exact_mut(g.n_heads * hd).zip(k.chunks_exact_mut(kd));
+        for (t, (qt, kt)) in rows.enumerate() {
+            let (s, pos) = b.locate(t);
             for head in qt.chunks_exact_mut(hd) {
                 if let Some(w) = &g.q_norm {
                     rms_norm(head, w, self.config.rms_eps);
                 }
-                self.rope.apply(head, pos + t);
+                self.rope.apply(head, pos);
             }
             for head in kt.chunks_exact_mut(hd) {
                 if let Some(w) = &g.k_norm {
                     rms_norm(head, w, self.config.rms_eps);
                 }
-                self.rope.apply(head, pos + t);
+                self.rope.apply(head, pos);
             }
+            pool.write(l, b.tables[s], pos, kt, &v[t * kd..(t + 1) * kd]);
         }
-        cache.k.extend_from_slice(&k);
-        cache.v.extend_from_slice(&v);
-        let kv_stride = g.n_kv_heads * hd;
+        let pool = &*pool;
         let group = g.n_heads / g.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; n * g.n_heads * hd];
-        let mut scores = Vec::new();
-        for t in 0..n {
-            let len = pos + t + 1;
-            for head in 0..g.n_heads {
-                let kvh = head / group;
-                let qh = &q[(t * g.n_heads + head) * hd..][..hd];
-                scores.clear();
-                scores.extend(
-                    (0..len).map(|p| dot(qh, &cache.k[p * kv_stride + kvh * hd..][..hd]) * scale),
-                );
-                softmax(&mut scores);
-                let o = &mut out[(t * g.n_heads + head) * hd..][..hd];
-                for (p, s) in scores.iter().enumerate() {
-                    axpy(o, *s, &cache.v[p * kv_stride + kvh * hd..][..hd]);
-                }
+        // One task per (token, head): each reads only its own sequence's blocks.
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
+            let (t, head) = (i / g.n_heads, i % g.n_heads);
+            let (s, pos) = b.locate(t);
+            let cache = pool.view(l, b.tables[s]);
+            let kv_off = (head / group) * hd;
+            let qh = &q[i * hd..][..hd];
+            scores.clear();
+            scores.extend((0..=pos).map(|p| dot(qh, &cache.k(p)[kv_off..][..hd]) * scale));
+            softmax(scores);
+            for (p, s) in scores.iter().enumerate() {
+                axpy(o, *s, &cache.v(p)[kv_off..][..hd]);
             }
-        }
+        });
         g.o.forward(&out, n)
     }
 
-    fn mla(&self, m: &Mla, cache: &mut LayerCache, pos: usize, x: &[f32], n: usize) -> Vec<f32> {
+    fn mla(&self, m: &Mla, pool: &mut KvPool, l: usize, b: &Batch<'_>, x: &[f32]) -> Vec<f32> {
         let (nh, r, nope, rope, vd) = (m.n_heads, m.kv_lora, m.nope, m.rope, m.v_dim);
+        let n = b.rows();
         let qk = nope + rope;
         let mut q = match &m.q {
             MlaQuery::Direct(w) => w.forward(x, n),
@@ -516,13 +590,14 @@ impl Model {
         };
         let kv = m.kv_a.forward(x, n);
         for (t, row) in kv.chunks_exact(r + rope).enumerate() {
+            let (s, pos) = b.locate(t);
             let mut c = row[..r].to_vec();
             rms_norm(&mut c, &m.kv_a_norm, self.config.rms_eps);
-            cache.k.extend_from_slice(&c);
             let mut kpe = row[r..].to_vec();
-            self.rope.apply(&mut kpe, pos + t);
-            cache.v.extend_from_slice(&kpe);
+            self.rope.apply(&mut kpe, pos);
+            pool.write(l, b.tables[s], pos, &c, &kpe);
         }
+        let pool = &*pool;
         let scale = self.softmax_scale_mult / (qk as f32).sqrt();
         // Absorb k_b into the queries, head by head for all tokens: q_lat = k_b^T q_nope.
         let mut q_lat = vec![0f32; n * nh * r];
@@ -530,7 +605,7 @@ impl Model {
         for head in 0..nh {
             for t in 0..n {
                 let qh = &mut q[(t * nh + head) * qk..][..qk];
-                self.rope.apply(&mut qh[nope..], pos + t);
+                self.rope.apply(&mut qh[nope..], b.locate(t).1);
                 q_nope[t * nope..(t + 1) * nope].copy_from_slice(&qh[..nope]);
             }
             let lat = m.k_b_t[head].forward(&q_nope, n);
@@ -538,26 +613,22 @@ impl Model {
                 q_lat[(t * nh + head) * r..][..r].copy_from_slice(&lat[t * r..(t + 1) * r]);
             }
         }
-        // Attention over the cached latents and shared RoPE keys; ctx is in latent space.
+        // Attention over the cached latents and shared RoPE keys; ctx is in latent space,
+        // `[head][token][kv_lora]`, one task per (head, token).
         let mut ctx = vec![0f32; nh * n * r];
-        let mut scores = Vec::new();
-        for t in 0..n {
-            let len = pos + t + 1;
-            for head in 0..nh {
-                let ql = &q_lat[(t * nh + head) * r..][..r];
-                let qpe = &q[(t * nh + head) * qk + nope..][..rope];
-                scores.clear();
-                scores.extend((0..len).map(|p| {
-                    (dot(ql, &cache.k[p * r..][..r]) + dot(qpe, &cache.v[p * rope..][..rope]))
-                        * scale
-                }));
-                softmax(&mut scores);
-                let c = &mut ctx[(head * n + t) * r..][..r];
-                for (p, s) in scores.iter().enumerate() {
-                    axpy(c, *s, &cache.k[p * r..][..r]);
-                }
+        ctx.par_chunks_mut(r).enumerate().for_each_init(Vec::new, |scores, (i, c)| {
+            let (head, t) = (i / n, i % n);
+            let (s, pos) = b.locate(t);
+            let cache = pool.view(l, b.tables[s]);
+            let ql = &q_lat[(t * nh + head) * r..][..r];
+            let qpe = &q[(t * nh + head) * qk + nope..][..rope];
+            scores.clear();
+            scores.extend((0..=pos).map(|p| (dot(ql, cache.k(p)) + dot(qpe, cache.v(p))) * scale));
+            softmax(scores);
+            for (p, s) in scores.iter().enumerate() {
+                axpy(c, *s, cache.k(p));
             }
-        }
+        });
         // Expand each head's latent context to its value: v = v_b ctx.
         let mut out = vec![0f32; n * nh * vd];
         for head in 0..nh {

@@ -1,0 +1,1 @@
+//! The gateway tier (skeleton; filled by the gateway change).

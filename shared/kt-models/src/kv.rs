@@ -1,0 +1,289 @@
+//! The paged KV cache: one pool of fixed-size blocks per model, from which every sequence
+//! takes the blocks it needs as it grows and to which it gives them back when it ends.
+//!
+//! A block holds `block_tokens` positions of every layer. A sequence is a [`SeqKv`]: the list
+//! of its blocks (its block table) and its length. Position `p` of a sequence lives in block
+//! `blocks[p / block_tokens]` at offset `p % block_tokens`, so sequences never need
+//! contiguous memory and a finished sequence's blocks are reused at once by others.
+//!
+//! What one position holds per layer depends on the attention: GQA keeps keys and values
+//! (`n_kv_heads × head_dim` each); MLA keeps the normalized compressed latent (`kv_lora`) and
+//! the shared RoPE key (`rope`) — the weight-absorbed form, which is what makes MLA's cache
+//! small.
+
+use crate::config::{AttentionConfig, ModelConfig};
+use crate::ModelError;
+
+/// Floats per position of one layer: (first, second) = GQA (keys, values), MLA (latent,
+/// RoPE key).
+fn widths(config: &ModelConfig) -> (usize, usize) {
+    match config.attention {
+        AttentionConfig::Gqa { n_kv_heads, head_dim, .. } => {
+            (n_kv_heads * head_dim, n_kv_heads * head_dim)
+        }
+        AttentionConfig::Mla { kv_lora_rank, qk_rope_head_dim, .. } => {
+            (kv_lora_rank, qk_rope_head_dim)
+        }
+    }
+}
+
+/// One layer's share of every block: `[block][offset][width]` for each of the two parts.
+#[derive(Debug, Default)]
+struct LayerBlocks {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The blocks of a model's KV cache and which of them are free.
+#[derive(Debug)]
+pub struct KvPool {
+    block_tokens: usize,
+    kw: usize,
+    vw: usize,
+    layers: Vec<LayerBlocks>,
+    /// Free block ids; taken from the end.
+    free: Vec<u32>,
+    total: usize,
+    /// Grows by a block when none is free instead of failing (a pool owned by one sequence).
+    growable: bool,
+}
+
+impl KvPool {
+    /// A pool of `n_blocks` blocks of `block_tokens` positions each, allocated up front.
+    pub fn new(config: &ModelConfig, block_tokens: usize, n_blocks: usize) -> Self {
+        let block_tokens = block_tokens.max(1);
+        let (kw, vw) = widths(config);
+        let layers = (0..config.n_layers)
+            .map(|_| LayerBlocks {
+                k: vec![0.0; n_blocks * block_tokens * kw],
+                v: vec![0.0; n_blocks * block_tokens * vw],
+            })
+            .collect();
+        // Reversed so that blocks are handed out in id order.
+        let free = (0..n_blocks as u32).rev().collect();
+        Self { block_tokens, kw, vw, layers, free, total: n_blocks, growable: false }
+    }
+
+    /// As many blocks as fit in `bytes` (at least one).
+    pub fn with_budget(config: &ModelConfig, block_tokens: usize, bytes: usize) -> Self {
+        let per = Self::block_bytes_for(config, block_tokens.max(1));
+        Self::new(config, block_tokens, (bytes / per.max(1)).max(1))
+    }
+
+    /// A pool that starts empty and grows on demand: the cache of a single sequence outside
+    /// a batching scheduler ([`crate::Sequence`]).
+    pub fn growable(config: &ModelConfig, block_tokens: usize) -> Self {
+        Self { growable: true, ..Self::new(config, block_tokens, 0) }
+    }
+
+    /// Bytes one block takes across all layers.
+    pub fn block_bytes_for(config: &ModelConfig, block_tokens: usize) -> usize {
+        let (kw, vw) = widths(config);
+        config.n_layers * block_tokens * (kw + vw) * std::mem::size_of::<f32>()
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.total
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks a sequence of `tokens` positions occupies.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_tokens)
+    }
+
+    /// Blocks `seq` must still take to hold `tokens` positions in all.
+    pub fn blocks_needed(&self, seq: &SeqKv, tokens: usize) -> usize {
+        self.blocks_for(tokens).saturating_sub(seq.blocks.len())
+    }
+
+    /// Gives `seq` enough blocks for `tokens` positions. Fails, taking nothing, when the
+    /// pool has too few free blocks.
+    pub fn reserve(&mut self, seq: &mut SeqKv, tokens: usize) -> Result<(), ModelError> {
+        let need = self.blocks_needed(seq, tokens);
+        if need > self.free.len() {
+            if !self.growable {
+                return Err(ModelError::KvFull { needed: need, free: self.free.len() });
+            }
+            self.grow(need - self.free.len());
+        }
+        let at = self.free.len() - need;
+        seq.blocks.extend(self.free.drain(at..).rev());
+        Ok(())
+    }
+
+    fn grow(&mut self, blocks: usize) {
+        let (bt, kw, vw) = (self.block_tokens, self.kw, self.vw);
+        let new_total = self.total + blocks;
+        for l in &mut self.layers {
+            l.k.resize(new_total * bt * kw, 0.0);
+            l.v.resize(new_total * bt * vw, 0.0);
+        }
+        self.free.extend((self.total as u32..new_total as u32).rev());
+        self.total = new_total;
+    }
+
+    /// Returns every block of `seq` to the pool; `seq` is empty afterwards.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.free.extend(seq.blocks.drain(..).rev());
+        seq.len = 0;
+    }
+
+    /// Forgets positions `len..` of `seq`, giving back the blocks no longer needed.
+    pub fn truncate(&mut self, seq: &mut SeqKv, len: usize) {
+        if len >= seq.len {
+            return;
+        }
+        let keep = self.blocks_for(len);
+        self.free.extend(seq.blocks.drain(keep..).rev());
+        seq.len = len;
+    }
+
+    pub fn is_growable(&self) -> bool {
+        self.growable
+    }
+
+    /// Whether this pool was made for a model of `config`'s shape.
+    pub(crate) fn fits(&self, config: &ModelConfig) -> bool {
+        self.layers.len() == config.n_layers && (self.kw, self.vw) == widths(config)
+    }
+
+    /// Index of position `pos` of `seq` among all positions of the pool.
+    #[inline]
+    fn slot(&self, seq: &[u32], pos: usize) -> usize {
+        seq[pos / self.block_tokens] as usize * self.block_tokens + pos % self.block_tokens
+    }
+
+    /// Writes one position of one layer.
+    pub(crate) fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+        let s = self.slot(blocks, pos);
+        let (kw, vw) = (self.kw, self.vw);
+        let l = &mut self.layers[layer];
+        l.k[s * kw..(s + 1) * kw].copy_from_slice(k);
+        l.v[s * vw..(s + 1) * vw].copy_from_slice(v);
+    }
+
+    /// A read-only view of one layer for the attention of one sequence.
+    pub(crate) fn view<'a>(&'a self, layer: usize, blocks: &'a [u32]) -> KvView<'a> {
+        let l = &self.layers[layer];
+        KvView { pool: self, k: &l.k, v: &l.v, blocks }
+    }
+}
+
+/// One sequence's positions in one layer.
+pub(crate) struct KvView<'a> {
+    pool: &'a KvPool,
+    k: &'a [f32],
+    v: &'a [f32],
+    blocks: &'a [u32],
+}
+
+impl KvView<'_> {
+    #[inline]
+    pub(crate) fn k(&self, pos: usize) -> &[f32] {
+        let s = self.pool.slot(self.blocks, pos);
+        &self.k[s * self.pool.kw..(s + 1) * self.pool.kw]
+    }
+
+    #[inline]
+    pub(crate) fn v(&self, pos: usize) -> &[f32] {
+        let s = self.pool.slot(self.blocks, pos);
+        &self.v[s * self.pool.vw..(s + 1) * self.pool.vw]
+    }
+}
+
+/// A sequence's place in a [`KvPool`]: its block table and how many positions it holds.
+/// Give it back with [`KvPool::release`] when the sequence ends.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeqKv {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SeqKv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions processed so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The block table.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ModelConfig {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/models/llama/hf/config.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        ModelConfig::from_hf(&json).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn reserve_release_and_truncate_account_for_every_block() {
+        let c = config();
+        let mut pool = KvPool::new(&c, 4, 5);
+        let (mut a, mut b) = (SeqKv::new(), SeqKv::new());
+        pool.reserve(&mut a, 9).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((a.blocks().len(), pool.free_blocks()), (3, 2));
+        // Too many: fails and takes nothing.
+        let err = pool.reserve(&mut b, 12).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("3 blocks") && err.contains("2 free"), "{err}");
+        assert_eq!((b.blocks().len(), pool.free_blocks()), (0, 2));
+        a.advance(9);
+        pool.truncate(&mut a, 4);
+        assert_eq!((a.len(), a.blocks().len(), pool.free_blocks()), (4, 1, 4));
+        pool.reserve(&mut b, 16).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.free_blocks(), 0);
+        pool.release(&mut a);
+        pool.release(&mut b);
+        assert_eq!((pool.free_blocks(), a.len(), a.blocks().len()), (5, 0, 0));
+        let mut all: Vec<u32> = pool.free.clone();
+        all.sort_unstable();
+        assert_eq!(all, vec![0, 1, 2, 3, 4], "each block back exactly once");
+    }
+
+    #[test]
+    fn positions_land_in_their_blocks() {
+        let c = config();
+        let mut pool = KvPool::growable(&c, 2);
+        let mut s = SeqKv::new();
+        pool.reserve(&mut s, 5).unwrap_or_else(|e| panic!("{e}"));
+        let (kw, vw) = widths(&c);
+        for p in 0..5 {
+            pool.write(1, &s.blocks, p, &vec![p as f32; kw], &vec![-(p as f32); vw]);
+        }
+        let view = pool.view(1, &s.blocks);
+        for p in 0..5 {
+            assert!(view.k(p).iter().all(|&x| x == p as f32));
+            assert!(view.v(p).iter().all(|&x| x == -(p as f32)));
+        }
+        assert_eq!(pool.total_blocks(), 3);
+    }
+}

@@ -1,0 +1,1 @@
+//! The worker tier (skeleton; filled by the worker change).
