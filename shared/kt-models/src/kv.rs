@@ -16,7 +16,7 @@ use crate::ModelError;
 
 /// Floats per position of one layer: (first, second) = GQA (keys, values), MLA (latent,
 /// RoPE key).
-fn widths(config: &ModelConfig) -> (usize, usize) {
+pub fn widths(config: &ModelConfig) -> (usize, usize) {
     match config.attention {
         AttentionConfig::Gqa { n_kv_heads, head_dim, .. } => {
             (n_kv_heads * head_dim, n_kv_heads * head_dim)
@@ -34,13 +34,11 @@ struct LayerBlocks {
     v: Vec<f32>,
 }
 
-/// The blocks of a model's KV cache and which of them are free.
-#[derive(Debug)]
-pub struct KvPool {
+/// Which blocks of a cache are free, and the block tables of sequences: the bookkeeping of a
+/// paged cache without its storage (shared by the CPU pool and device backends' pools).
+#[derive(Debug, Clone)]
+pub struct KvBlocks {
     block_tokens: usize,
-    kw: usize,
-    vw: usize,
-    layers: Vec<LayerBlocks>,
     /// Free block ids; taken from the end.
     free: Vec<u32>,
     total: usize,
@@ -48,38 +46,17 @@ pub struct KvPool {
     growable: bool,
 }
 
-impl KvPool {
-    /// A pool of `n_blocks` blocks of `block_tokens` positions each, allocated up front.
-    pub fn new(config: &ModelConfig, block_tokens: usize, n_blocks: usize) -> Self {
-        let block_tokens = block_tokens.max(1);
-        let (kw, vw) = widths(config);
-        let layers = (0..config.n_layers)
-            .map(|_| LayerBlocks {
-                k: vec![0.0; n_blocks * block_tokens * kw],
-                v: vec![0.0; n_blocks * block_tokens * vw],
-            })
-            .collect();
+impl KvBlocks {
+    /// `n_blocks` blocks of `block_tokens` positions (at least 1).
+    pub fn new(block_tokens: usize, n_blocks: usize) -> Self {
         // Reversed so that blocks are handed out in id order.
         let free = (0..n_blocks as u32).rev().collect();
-        Self { block_tokens, kw, vw, layers, free, total: n_blocks, growable: false }
+        Self { block_tokens: block_tokens.max(1), free, total: n_blocks, growable: false }
     }
 
-    /// As many blocks as fit in `bytes` (at least one).
-    pub fn with_budget(config: &ModelConfig, block_tokens: usize, bytes: usize) -> Self {
-        let per = Self::block_bytes_for(config, block_tokens.max(1));
-        Self::new(config, block_tokens, (bytes / per.max(1)).max(1))
-    }
-
-    /// A pool that starts empty and grows on demand: the cache of a single sequence outside
-    /// a batching scheduler ([`crate::Sequence`]).
-    pub fn growable(config: &ModelConfig, block_tokens: usize) -> Self {
-        Self { growable: true, ..Self::new(config, block_tokens, 0) }
-    }
-
-    /// Bytes one block takes across all layers.
-    pub fn block_bytes_for(config: &ModelConfig, block_tokens: usize) -> usize {
-        let (kw, vw) = widths(config);
-        config.n_layers * block_tokens * (kw + vw) * std::mem::size_of::<f32>()
+    /// No blocks at first; [`KvBlocks::reserve`] adds blocks instead of failing.
+    pub fn growable(block_tokens: usize) -> Self {
+        Self { growable: true, ..Self::new(block_tokens, 0) }
     }
 
     pub fn block_tokens(&self) -> usize {
@@ -94,6 +71,10 @@ impl KvPool {
         self.free.len()
     }
 
+    pub fn is_growable(&self) -> bool {
+        self.growable
+    }
+
     /// Blocks a sequence of `tokens` positions occupies.
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.block_tokens)
@@ -104,33 +85,24 @@ impl KvPool {
         self.blocks_for(tokens).saturating_sub(seq.blocks.len())
     }
 
-    /// Gives `seq` enough blocks for `tokens` positions. Fails, taking nothing, when the
-    /// pool has too few free blocks.
+    /// Gives `seq` enough blocks for `tokens` positions. Fails, taking nothing, when too few
+    /// are free (a growable pool grows instead: see [`KvBlocks::total_blocks`]).
     pub fn reserve(&mut self, seq: &mut SeqKv, tokens: usize) -> Result<(), ModelError> {
         let need = self.blocks_needed(seq, tokens);
         if need > self.free.len() {
             if !self.growable {
                 return Err(ModelError::KvFull { needed: need, free: self.free.len() });
             }
-            self.grow(need - self.free.len());
+            let grow = need - self.free.len();
+            self.free.extend((self.total as u32..(self.total + grow) as u32).rev());
+            self.total += grow;
         }
         let at = self.free.len() - need;
         seq.blocks.extend(self.free.drain(at..).rev());
         Ok(())
     }
 
-    fn grow(&mut self, blocks: usize) {
-        let (bt, kw, vw) = (self.block_tokens, self.kw, self.vw);
-        let new_total = self.total + blocks;
-        for l in &mut self.layers {
-            l.k.resize(new_total * bt * kw, 0.0);
-            l.v.resize(new_total * bt * vw, 0.0);
-        }
-        self.free.extend((self.total as u32..new_total as u32).rev());
-        self.total = new_total;
-    }
-
-    /// Returns every block of `seq` to the pool; `seq` is empty afterwards.
+    /// Returns every block of `seq`; `seq` is empty afterwards.
     pub fn release(&mut self, seq: &mut SeqKv) {
         self.free.extend(seq.blocks.drain(..).rev());
         seq.len = 0;
@@ -146,8 +118,114 @@ impl KvPool {
         seq.len = len;
     }
 
+    /// Index of position `pos` of a sequence with block table `table` among all positions.
+    #[inline]
+    pub fn slot(&self, table: &[u32], pos: usize) -> usize {
+        table[pos / self.block_tokens] as usize * self.block_tokens + pos % self.block_tokens
+    }
+}
+
+/// The KV cache of a model on the CPU: [`KvBlocks`] and the blocks' storage.
+#[derive(Debug)]
+pub struct KvPool {
+    blocks: KvBlocks,
+    kw: usize,
+    vw: usize,
+    layers: Vec<LayerBlocks>,
+}
+
+impl KvPool {
+    /// A pool of `n_blocks` blocks of `block_tokens` positions each, allocated up front.
+    pub fn new(config: &ModelConfig, block_tokens: usize, n_blocks: usize) -> Self {
+        Self::with_blocks(config, KvBlocks::new(block_tokens, n_blocks))
+    }
+
+    fn with_blocks(config: &ModelConfig, blocks: KvBlocks) -> Self {
+        let (kw, vw) = widths(config);
+        let mut pool = Self {
+            blocks,
+            kw,
+            vw,
+            layers: (0..config.n_layers).map(|_| Default::default()).collect(),
+        };
+        pool.fit_storage();
+        pool
+    }
+
+    /// As many blocks as fit in `bytes` (at least one).
+    pub fn with_budget(config: &ModelConfig, block_tokens: usize, bytes: usize) -> Self {
+        let per = Self::block_bytes_for(config, block_tokens.max(1));
+        Self::new(config, block_tokens, (bytes / per.max(1)).max(1))
+    }
+
+    /// A pool that starts empty and grows on demand: the cache of a single sequence outside
+    /// a batching scheduler ([`crate::Sequence`]).
+    pub fn growable(config: &ModelConfig, block_tokens: usize) -> Self {
+        Self::with_blocks(config, KvBlocks::growable(block_tokens))
+    }
+
+    /// Bytes one block takes across all layers.
+    pub fn block_bytes_for(config: &ModelConfig, block_tokens: usize) -> usize {
+        let (kw, vw) = widths(config);
+        config.n_layers * block_tokens * (kw + vw) * std::mem::size_of::<f32>()
+    }
+
+    /// The bookkeeping: free blocks, block size.
+    pub fn blocks(&self) -> &KvBlocks {
+        &self.blocks
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.blocks.block_tokens()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.blocks.total_blocks()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.blocks.free_blocks()
+    }
+
     pub fn is_growable(&self) -> bool {
-        self.growable
+        self.blocks.is_growable()
+    }
+
+    /// Blocks a sequence of `tokens` positions occupies.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        self.blocks.blocks_for(tokens)
+    }
+
+    /// Blocks `seq` must still take to hold `tokens` positions in all.
+    pub fn blocks_needed(&self, seq: &SeqKv, tokens: usize) -> usize {
+        self.blocks.blocks_needed(seq, tokens)
+    }
+
+    /// Gives `seq` enough blocks for `tokens` positions. Fails, taking nothing, when the
+    /// pool has too few free blocks.
+    pub fn reserve(&mut self, seq: &mut SeqKv, tokens: usize) -> Result<(), ModelError> {
+        self.blocks.reserve(seq, tokens)?;
+        self.fit_storage();
+        Ok(())
+    }
+
+    /// Storage for every block the bookkeeping knows (grows with a growable pool).
+    fn fit_storage(&mut self) {
+        let positions = self.blocks.total_blocks() * self.blocks.block_tokens();
+        for l in &mut self.layers {
+            l.k.resize(positions * self.kw, 0.0);
+            l.v.resize(positions * self.vw, 0.0);
+        }
+    }
+
+    /// Returns every block of `seq` to the pool; `seq` is empty afterwards.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.blocks.release(seq);
+    }
+
+    /// Forgets positions `len..` of `seq`, giving back the blocks no longer needed.
+    pub fn truncate(&mut self, seq: &mut SeqKv, len: usize) {
+        self.blocks.truncate(seq, len);
     }
 
     /// Whether this pool was made for a model of `config`'s shape.
@@ -155,15 +233,9 @@ impl KvPool {
         self.layers.len() == config.n_layers && (self.kw, self.vw) == widths(config)
     }
 
-    /// Index of position `pos` of `seq` among all positions of the pool.
-    #[inline]
-    fn slot(&self, seq: &[u32], pos: usize) -> usize {
-        seq[pos / self.block_tokens] as usize * self.block_tokens + pos % self.block_tokens
-    }
-
     /// Writes one position of one layer.
     pub(crate) fn write(&mut self, layer: usize, blocks: &[u32], pos: usize, k: &[f32], v: &[f32]) {
-        let s = self.slot(blocks, pos);
+        let s = self.blocks.slot(blocks, pos);
         let (kw, vw) = (self.kw, self.vw);
         let l = &mut self.layers[layer];
         l.k[s * kw..(s + 1) * kw].copy_from_slice(k);
@@ -188,13 +260,13 @@ pub(crate) struct KvView<'a> {
 impl KvView<'_> {
     #[inline]
     pub(crate) fn k(&self, pos: usize) -> &[f32] {
-        let s = self.pool.slot(self.blocks, pos);
+        let s = self.pool.blocks.slot(self.blocks, pos);
         &self.k[s * self.pool.kw..(s + 1) * self.pool.kw]
     }
 
     #[inline]
     pub(crate) fn v(&self, pos: usize) -> &[f32] {
-        let s = self.pool.slot(self.blocks, pos);
+        let s = self.pool.blocks.slot(self.blocks, pos);
         &self.v[s * self.pool.vw..(s + 1) * self.pool.vw]
     }
 }
@@ -264,7 +336,7 @@ mod tests {
         pool.release(&mut a);
         pool.release(&mut b);
         assert_eq!((pool.free_blocks(), a.len(), a.blocks().len()), (5, 0, 0));
-        let mut all: Vec<u32> = pool.free.clone();
+        let mut all: Vec<u32> = pool.blocks.free.clone();
         all.sort_unstable();
         assert_eq!(all, vec![0, 1, 2, 3, 4], "each block back exactly once");
     }

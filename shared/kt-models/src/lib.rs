@@ -20,7 +20,7 @@ pub use config::{Arch, ModelConfig};
 pub use generate::{
     generate, generate_in, FinishReason, GenerateParams, Generation, TokenLogprob, TokenOut,
 };
-pub use kv::{KvPool, SeqKv};
+pub use kv::{KvBlocks, KvPool, SeqKv};
 pub use linear::MatmulMode;
 pub use load::{load, load_gguf, open, LoadedModel, ModelParts, ModelSource};
 pub use model::{load_experts, Model, Sequence, Step};

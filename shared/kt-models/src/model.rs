@@ -18,70 +18,70 @@ use crate::ModelError;
 
 /// Grouped-query attention weights.
 #[derive(Debug)]
-struct Gqa {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+pub struct Gqa {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
 }
 
 /// Multi-head latent attention weights, with `kv_b` split per head for absorption.
 #[derive(Debug)]
-struct Mla {
-    q: MlaQuery,
-    kv_a: Linear,
-    kv_a_norm: Vec<f32>,
+pub struct Mla {
+    pub q: MlaQuery,
+    pub kv_a: Linear,
+    pub kv_a_norm: Vec<f32>,
     /// Per head, `[kv_lora, nope]`: maps the head's no-RoPE query into the latent space.
-    k_b_t: Vec<Linear>,
+    pub k_b_t: Vec<Linear>,
     /// Per head, `[v_dim, kv_lora]`: maps the attended latent to the head's value.
-    v_b: Vec<Linear>,
-    o: Linear,
-    n_heads: usize,
-    kv_lora: usize,
-    nope: usize,
-    rope: usize,
-    v_dim: usize,
+    pub v_b: Vec<Linear>,
+    pub o: Linear,
+    pub n_heads: usize,
+    pub kv_lora: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v_dim: usize,
 }
 
 #[derive(Debug)]
-enum MlaQuery {
+pub enum MlaQuery {
     Direct(Linear),
     LowRank { a: Linear, norm: Vec<f32>, b: Linear },
 }
 
 #[derive(Debug)]
-enum Attention {
+pub enum Attention {
     Gqa(Gqa),
     Mla(Mla),
 }
 
 #[derive(Debug)]
-struct MoeBlock {
-    router: Linear,
-    router_bias: Option<Vec<f32>>,
-    shared: Option<Mlp>,
-    shared_gate: Option<Linear>,
+pub struct MoeBlock {
+    pub router: Linear,
+    pub router_bias: Option<Vec<f32>>,
+    pub shared: Option<Mlp>,
+    pub shared_gate: Option<Linear>,
 }
 
 #[derive(Debug)]
 // One per layer, built once: the size difference of the variants costs nothing.
 #[allow(clippy::large_enum_variant)]
-enum Ffn {
+pub enum Ffn {
     Dense(Mlp),
     Moe(MoeBlock),
 }
 
 #[derive(Debug)]
-struct Layer {
-    attn_norm: Vec<f32>,
-    ffn_norm: Vec<f32>,
-    attn: Attention,
-    ffn: Ffn,
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    pub attn: Attention,
+    pub ffn: Ffn,
 }
 
 /// A sequence run on its own, outside a batching scheduler: its KV cache in a pool of its own
@@ -158,6 +158,9 @@ pub struct Model {
     rope: Rope,
     softmax_scale_mult: f32,
     experts: Arc<dyn Experts>,
+    /// The MoE config routing uses when fewer experts per token than the model's top-k are
+    /// in force ("selective experts", [`Model::with_experts_per_token`]).
+    selective: Option<crate::config::MoeConfig>,
 }
 
 impl std::fmt::Debug for Model {
@@ -283,13 +286,72 @@ impl Model {
             lm_head,
             layers,
             softmax_scale_mult,
+            selective: None,
         })
+    }
+
+    /// The layers, read-only: what another backend (CUDA) uploads and computes the same way.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The token embedding table `[vocab, hidden]`.
+    pub fn embedding(&self) -> &WeightTensor {
+        &self.embed
+    }
+
+    pub fn final_norm(&self) -> &[f32] {
+        &self.final_norm
+    }
+
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// MLA's softmax scale multiplier (YaRN's mscale², 1 otherwise).
+    pub fn softmax_scale_mult(&self) -> f32 {
+        self.softmax_scale_mult
+    }
+
+    /// The routed-expert implementation in use.
+    pub fn experts(&self) -> &Arc<dyn Experts> {
+        &self.experts
     }
 
     /// Replaces the routed-expert implementation (e.g. with a remote expert tier).
     pub fn with_experts(mut self, experts: Arc<dyn Experts>) -> Self {
         self.experts = experts;
         self
+    }
+
+    /// Routes each token to only its `k` best experts instead of the model's top-k
+    /// (KTransformers' "selective experts"); the routing weights are computed over those `k`
+    /// as the architecture computes them over its top-k. `k` must be in 1..=top-k; the
+    /// model's top-k restores the default. Fails for a dense model.
+    pub fn with_experts_per_token(mut self, k: usize) -> Result<Self, ModelError> {
+        let Some(moe) = &self.config.moe else {
+            return Err(ModelError::Input(format!(
+                "experts per token {k}: the model has no routed experts"
+            )));
+        };
+        if k == 0 || k > moe.top_k {
+            return Err(ModelError::Input(format!(
+                "experts per token {k} is out of range 1..={} (the model's top-k)",
+                moe.top_k
+            )));
+        }
+        self.selective =
+            (k < moe.top_k).then(|| crate::config::MoeConfig { top_k: k, ..moe.clone() });
+        Ok(self)
+    }
+
+    /// Routed experts per token in force (0 for a dense model).
+    pub fn experts_per_token(&self) -> usize {
+        self.selective.as_ref().or(self.config.moe.as_ref()).map_or(0, |m| m.top_k)
     }
 
     fn load_attention(ld: &Loader<'_>, c: &ModelConfig, l: usize) -> Result<Attention, ModelError> {
@@ -514,6 +576,7 @@ impl Model {
             return Err(ModelError::Config("MoE layer without an MoE config".into()));
         };
         let logits = b.router.forward(x, n);
+        let cfg = self.selective.as_ref().unwrap_or(cfg);
         let routing = route(cfg, &logits, b.router_bias.as_deref());
         let mut out = self.experts.forward(l, x, &routing)?;
         if let Some(shared) = &b.shared {

@@ -111,6 +111,31 @@ impl Rope {
         Self { inv_freq, style: cfg.style, mscale }
     }
 
+    /// `cos` and `sin` (times YaRN's attention factor) of every rotated pair for positions
+    /// `0..positions`, `[pos][pair]`, computed exactly as [`Rope::apply`] does.
+    pub fn table(&self, positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) =
+            (Vec::with_capacity(positions * half), Vec::with_capacity(positions * half));
+        for pos in 0..positions {
+            for f in &self.inv_freq {
+                let (s, c) = (pos as f32 * f).sin_cos();
+                cos.push(c * self.mscale);
+                sin.push(s * self.mscale);
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Rotated pairs per head.
+    pub fn pairs(&self) -> usize {
+        self.inv_freq.len()
+    }
+
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
     /// Rotates the first `2 * inv_freq.len()` values of one head vector for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();
