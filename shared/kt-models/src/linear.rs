@@ -92,6 +92,21 @@ impl Linear {
         &self.w
     }
 
+    /// The kernels of the weight format (chosen at run time).
+    pub fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    /// In `MatmulMode::Ggml`: the activation quantizer and the bytes of one quantized input
+    /// row; `None` in `MatmulMode::F32`.
+    pub fn act_quantizer(&self) -> Option<(kt_quant::kernels::QuantizeFn, usize)> {
+        self.act.map(|q| (q, self.act_row_bytes))
+    }
+
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
     /// `x` holds `n` rows of `in_dim`; returns `n` rows of `out_dim`.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let (d_in, d_out) = (self.in_dim(), self.out_dim());

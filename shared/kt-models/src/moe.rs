@@ -12,6 +12,9 @@ use crate::linear::Linear;
 use crate::ops::{sigmoid, silu, softmax, top_k};
 use crate::ModelError;
 
+mod fused;
+pub use fused::FusedConfig;
+
 /// An empty slot of a [`Routing`]: the expert there is computed elsewhere.
 pub const NO_EXPERT: u32 = u32::MAX;
 
@@ -130,17 +133,147 @@ impl Mlp {
     }
 }
 
+/// How [`LocalExperts`] computes a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertKernel {
+    /// Expert after expert in id order, each `Mlp::forward` (three `Linear::forward`s): the
+    /// reference.
+    Reference,
+    /// The fused schedule of [`FusedConfig`] (`moe/fused.rs`): bit-identical results, one
+    /// parallel pass over all active experts per projection. Falls back to the reference for
+    /// experts it does not cover (biases, gate/up in different activation formats).
+    Fused(FusedConfig),
+}
+
+impl Default for ExpertKernel {
+    fn default() -> Self {
+        ExpertKernel::Fused(FusedConfig::default())
+    }
+}
+
 /// Routed experts held in this process: per layer, per expert id, the MLP when it is held
 /// here (an expert server holds the part of the experts its plan gives it).
 #[derive(Default)]
 pub struct LocalExperts {
     hidden: usize,
     layers: Vec<Vec<Option<Mlp>>>,
+    kernel: ExpertKernel,
 }
 
 impl LocalExperts {
+    /// Experts computed with the default kernel ([`ExpertKernel::Fused`]).
     pub fn new(hidden: usize, layers: Vec<Vec<Option<Mlp>>>) -> Self {
-        Self { hidden, layers }
+        Self { hidden, layers, kernel: ExpertKernel::default() }
+    }
+
+    /// The same experts computed with `kernel`.
+    pub fn with_kernel(mut self, kernel: ExpertKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    pub fn kernel(&self) -> ExpertKernel {
+        self.kernel
+    }
+
+    /// The hidden size.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Whether [`ExpertKernel::Fused`] computes every expert of `layer` held here (otherwise
+    /// calls that route to one it does not cover take the reference path).
+    pub fn fused_supports(&self, layer: usize) -> bool {
+        self.layers
+            .get(layer)
+            .is_some_and(|es| es.iter().flatten().all(|m| fused::supports(m, self.hidden)))
+    }
+
+    /// [`Experts::forward`] with `kernel` instead of the configured one (benches, tests).
+    pub fn forward_with(
+        &self,
+        kernel: ExpertKernel,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ModelError> {
+        let experts = self.check(layer, hidden, routing)?;
+        if let ExpertKernel::Fused(cfg) = kernel {
+            if let Some(out) = fused::forward(&cfg, self.hidden, experts, hidden, routing) {
+                return Ok(out);
+            }
+        }
+        Ok(self.reference(experts, hidden, routing))
+    }
+
+    /// The layer's experts, after checking the call's shapes and that every routed expert is
+    /// held here.
+    fn check(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+    ) -> Result<&[Option<Mlp>], ModelError> {
+        let h = self.hidden;
+        let n = hidden.len() / h.max(1);
+        if h == 0 || hidden.len() != n * h {
+            return Err(ModelError::Input(format!(
+                "{} hidden values are not rows of {h}",
+                hidden.len()
+            )));
+        }
+        let experts = self.layers.get(layer).filter(|es| !es.is_empty()).ok_or_else(|| {
+            ModelError::Input(format!("layer {layer} has no routed experts here"))
+        })?;
+        if routing.ids.len() != n * routing.k || routing.weights.len() != n * routing.k {
+            return Err(ModelError::Input(format!(
+                "routing for {n} tokens of top-{} has {} ids and {} weights",
+                routing.k,
+                routing.ids.len(),
+                routing.weights.len()
+            )));
+        }
+        for (i, &id) in routing.ids.iter().enumerate() {
+            if id != NO_EXPERT && experts.get(id as usize).is_none_or(Option::is_none) {
+                return Err(ModelError::Input(format!(
+                    "token {} routed to expert {id} of layer {layer}, which is not held here",
+                    i / routing.k
+                )));
+            }
+        }
+        Ok(experts)
+    }
+
+    /// The reference: experts in id order, each over the tokens routed to it.
+    fn reference(&self, experts: &[Option<Mlp>], hidden: &[f32], routing: &Routing) -> Vec<f32> {
+        let h = self.hidden;
+        let n = hidden.len() / h;
+        let mut out = vec![0f32; n * h];
+        for (e, mlp) in experts.iter().enumerate() {
+            let Some(mlp) = mlp else { continue };
+            let mut tokens = Vec::new();
+            let mut ws = Vec::new();
+            for t in 0..n {
+                for j in 0..routing.k {
+                    if routing.ids[t * routing.k + j] as usize == e {
+                        tokens.push(t);
+                        ws.push(routing.weights[t * routing.k + j]);
+                    }
+                }
+            }
+            if tokens.is_empty() {
+                continue;
+            }
+            let x: Vec<f32> =
+                tokens.iter().flat_map(|&t| &hidden[t * h..(t + 1) * h]).copied().collect();
+            let y = mlp.forward(&x, tokens.len());
+            for (i, (&t, w)) in tokens.iter().zip(&ws).enumerate() {
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[i * h..(i + 1) * h]) {
+                    *o += v * w;
+                }
+            }
+        }
+        out
     }
 
     /// The `(layer, expert)` pairs held here.
@@ -190,54 +323,7 @@ impl Experts for LocalExperts {
         hidden: &[f32],
         routing: &Routing,
     ) -> Result<Vec<f32>, ModelError> {
-        let h = self.hidden;
-        let n = hidden.len() / h;
-        let experts = self.layers.get(layer).filter(|es| !es.is_empty()).ok_or_else(|| {
-            ModelError::Input(format!("layer {layer} has no routed experts here"))
-        })?;
-        if routing.ids.len() != n * routing.k || routing.weights.len() != n * routing.k {
-            return Err(ModelError::Input(format!(
-                "routing for {n} tokens of top-{} has {} ids and {} weights",
-                routing.k,
-                routing.ids.len(),
-                routing.weights.len()
-            )));
-        }
-        for (i, &id) in routing.ids.iter().enumerate() {
-            if id != NO_EXPERT && experts.get(id as usize).is_none_or(Option::is_none) {
-                return Err(ModelError::Input(format!(
-                    "token {} routed to expert {id} of layer {layer}, which is not held here",
-                    i / routing.k
-                )));
-            }
-        }
-        let mut out = vec![0f32; n * h];
-        // Experts in id order, each over the tokens routed to it, as the references loop.
-        for (e, mlp) in experts.iter().enumerate() {
-            let Some(mlp) = mlp else { continue };
-            let mut tokens = Vec::new();
-            let mut ws = Vec::new();
-            for t in 0..n {
-                for j in 0..routing.k {
-                    if routing.ids[t * routing.k + j] as usize == e {
-                        tokens.push(t);
-                        ws.push(routing.weights[t * routing.k + j]);
-                    }
-                }
-            }
-            if tokens.is_empty() {
-                continue;
-            }
-            let x: Vec<f32> =
-                tokens.iter().flat_map(|&t| &hidden[t * h..(t + 1) * h]).copied().collect();
-            let y = mlp.forward(&x, tokens.len());
-            for (i, (&t, w)) in tokens.iter().zip(&ws).enumerate() {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[i * h..(i + 1) * h]) {
-                    *o += v * w;
-                }
-            }
-        }
-        Ok(out)
+        self.forward_with(self.kernel, layer, hidden, routing)
     }
 }
 

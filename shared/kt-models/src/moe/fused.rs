@@ -1,0 +1,294 @@
+//! The fused MoE expert kernel: one MoE layer's routed experts computed as one schedule
+//! instead of expert after expert and matrix after matrix.
+//!
+//! * Tokens are grouped by expert once (in token order, as the reference does).
+//! * Activations are prepared once per layer: in `MatmulMode::Ggml` every token's hidden row is
+//!   quantized to the gate/up `vec_dot_type` once (not per expert per projection); experts
+//!   read the quantized rows by token index, without gathering copies.
+//! * Gate and up are computed in one pass: each work item takes a block of intermediate rows
+//!   of one expert and, for every row, dots the gate row and the up row with the expert's
+//!   tokens and stores `silu(gate) · up`. Each row is streamed from memory once for all of
+//!   the expert's tokens.
+//! * Work items are (expert × block of output rows), sized so that every thread gets several
+//!   and each streams different weight memory; rayon runs them (kt-expert's pinned pool, when
+//!   the server installs one, is the pool they run on).
+//! * The down projection is the same over the hidden rows; the weighted sum is added per token
+//!   in expert id order.
+//! * Regimes: with fewer than [`FusedConfig::prefill_min_tokens`] tokens on an expert
+//!   (decode), each row meets all of the expert's tokens before the next row is read; with
+//!   more (prefill), tokens are taken in tiles of [`FusedConfig::token_tile`] so that a block
+//!   of weight rows stays in cache across the tile and the tile's activations stay in L2. The
+//!   switch point and the tile are parameters; `kt bench experts` measures both regimes at
+//!   every token count so they can be set from the machine.
+//!
+//! Every product is the same kernel call on the same operands as in the reference path
+//! (`Linear::forward`: `dot_f32` in `MatmulMode::F32`, `vec_dot` on the same quantized bytes in
+//! `MatmulMode::Ggml`), and the weighted sum is added in the same order, so the fused path's
+//! output is bit-identical to the reference path's in both modes (tested in `moe.rs`).
+
+use kt_quant::Kernels;
+use rayon::prelude::*;
+
+use super::{Mlp, Routing, NO_EXPERT};
+use crate::linear::Linear;
+use crate::ops::silu;
+
+/// Parameters of the fused schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedConfig {
+    /// Tokens on one expert from which the prefill (token-tiled) schedule is used.
+    pub prefill_min_tokens: usize,
+    /// Tokens per tile in the prefill schedule.
+    pub token_tile: usize,
+    /// Work items per thread the rows are split into (more balance vs. less overhead).
+    pub items_per_thread: usize,
+}
+
+impl Default for FusedConfig {
+    fn default() -> Self {
+        // Measured with `kt bench experts` (BENCHMARKS.md, "MoE expert kernels").
+        Self { prefill_min_tokens: 32, token_tile: 32, items_per_thread: 4 }
+    }
+}
+
+/// The activation rows one projection reads: f32 rows (`MatmulMode::F32`) or rows quantized
+/// to the weight format's `vec_dot_type` (`MatmulMode::Ggml`).
+enum Acts<'a> {
+    F32 { x: &'a [f32], dim: usize },
+    Quant { q: Vec<u8>, row_bytes: usize },
+}
+
+impl Acts<'_> {
+    #[inline]
+    fn dot(&self, k: &Kernels, w: &[u8], t: usize) -> f32 {
+        match self {
+            Acts::F32 { x, dim } => (k.dot_f32)(w, &x[t * dim..(t + 1) * dim]),
+            Acts::Quant { q, row_bytes } => (k.vec_dot)(w, &q[t * row_bytes..(t + 1) * row_bytes]),
+        }
+    }
+}
+
+/// `x` (`n` rows) prepared for `lin`: quantized as `Linear::forward` would, or borrowed.
+fn prepare<'a>(lin: &Linear, x: &'a [f32], dim: usize) -> Acts<'a> {
+    match lin.act_quantizer() {
+        None => Acts::F32 { x, dim },
+        Some((quantize, row_bytes)) => {
+            let n = x.len() / dim;
+            let mut q = vec![0u8; n * row_bytes];
+            for (row, out) in x.chunks_exact(dim).zip(q.chunks_exact_mut(row_bytes)) {
+                quantize(row, out);
+            }
+            Acts::Quant { q, row_bytes }
+        }
+    }
+}
+
+/// Whether two linears take their activations the same way (same kernels family, same
+/// quantizer and row size), so one prepared activation set serves both.
+fn same_acts(a: &Linear, b: &Linear) -> bool {
+    let (qa, qb) = (a.act_quantizer(), b.act_quantizer());
+    a.kernels().vec_dot_type == b.kernels().vec_dot_type
+        && qa.map(|(_, r)| r) == qb.map(|(_, r)| r)
+        && qa.is_some() == qb.is_some()
+        && a.in_dim() == b.in_dim()
+}
+
+/// Whether the fused path computes `m` (hidden size `h`): no biases, gate and up reading the
+/// same activations, consistent shapes.
+pub(super) fn supports(m: &Mlp, h: usize) -> bool {
+    let ff = m.gate.out_dim();
+    let shapes_ok = m.gate.in_dim() == h
+        && m.up.in_dim() == h
+        && m.up.out_dim() == ff
+        && m.down.in_dim() == ff
+        && m.down.out_dim() == h;
+    let no_bias = m.gate.bias().is_none() && m.up.bias().is_none() && m.down.bias().is_none();
+    shapes_ok && no_bias && same_acts(&m.gate, &m.up)
+}
+
+/// One expert's share of a layer call.
+struct Active<'a> {
+    mlp: &'a Mlp,
+    /// Token indices (into the layer's hidden rows), in token order.
+    tokens: Vec<usize>,
+    /// The routing weight of each of those tokens.
+    weights: Vec<f32>,
+}
+
+/// Rows per work item for an expert with `tokens` tokens, so that the layer's total work
+/// (`Σ rows · tokens`) splits into about `threads · items_per_thread` items.
+fn rows_per_item(rows: usize, tokens: usize, total_work: usize, cfg: &FusedConfig) -> usize {
+    let items = rayon::current_num_threads() * cfg.items_per_thread.max(1);
+    let target = total_work.div_ceil(items.max(1));
+    target.div_ceil(tokens.max(1)).clamp(4, rows.max(4))
+}
+
+/// Row blocks `(expert index, rows)` over the experts' `rows(mlp)` output rows.
+fn items(
+    active: &[Active<'_>],
+    rows: impl Fn(&Mlp) -> usize,
+    cfg: &FusedConfig,
+) -> Vec<(usize, std::ops::Range<usize>)> {
+    let total: usize = active.iter().map(|a| rows(a.mlp) * a.tokens.len()).sum();
+    let mut out = Vec::new();
+    for (i, a) in active.iter().enumerate() {
+        let r = rows(a.mlp);
+        let step = rows_per_item(r, a.tokens.len(), total, cfg);
+        let mut r0 = 0;
+        while r0 < r {
+            out.push((i, r0..(r0 + step).min(r)));
+            r0 += step;
+        }
+    }
+    out
+}
+
+/// Calls `f(row, token slot)` for `rows` × `0..tokens` in the regime's order, writing to
+/// `out[(row - rows.start) * tokens + slot]`.
+fn schedule(
+    rows: std::ops::Range<usize>,
+    tokens: usize,
+    cfg: &FusedConfig,
+    out: &mut [f32],
+    mut f: impl FnMut(usize, usize) -> f32,
+) {
+    let tile = if tokens >= cfg.prefill_min_tokens { cfg.token_tile.max(1) } else { tokens };
+    let mut t0 = 0;
+    while t0 < tokens {
+        let t1 = (t0 + tile).min(tokens);
+        for r in rows.clone() {
+            let o = &mut out[(r - rows.start) * tokens..(r - rows.start + 1) * tokens];
+            for (s, v) in o[t0..t1].iter_mut().enumerate() {
+                *v = f(r, t0 + s);
+            }
+        }
+        t0 = t1;
+    }
+}
+
+/// The fused forward of one layer, or `None` when the experts do not fit its assumptions
+/// (biases, gate/up that read activations differently, mismatched shapes): the caller then
+/// takes the reference path. `experts` and `routing` were validated by the caller.
+pub(super) fn forward(
+    cfg: &FusedConfig,
+    h: usize,
+    experts: &[Option<Mlp>],
+    hidden: &[f32],
+    routing: &Routing,
+) -> Option<Vec<f32>> {
+    let n = hidden.len() / h;
+    // Group tokens by expert, in expert id order and token order.
+    let mut slots: Vec<Option<Active<'_>>> = experts.iter().map(|_| None).collect();
+    for t in 0..n {
+        for j in 0..routing.k {
+            let id = routing.ids[t * routing.k + j];
+            if id == NO_EXPERT {
+                continue;
+            }
+            let mlp = experts.get(id as usize)?.as_ref()?;
+            let a = slots[id as usize].get_or_insert_with(|| Active {
+                mlp,
+                tokens: Vec::new(),
+                weights: Vec::new(),
+            });
+            a.tokens.push(t);
+            a.weights.push(routing.weights[t * routing.k + j]);
+        }
+    }
+    let active: Vec<Active<'_>> = slots.into_iter().flatten().collect();
+    let mut out = vec![0f32; n * h];
+    let Some(first) = active.first() else { return Some(out) };
+    if !active.iter().all(|a| supports(a.mlp, h)) {
+        return None;
+    }
+
+    // Activations of the layer, once (per distinct way of taking them; usually one).
+    let mut prepared: Vec<(&Linear, Acts<'_>)> =
+        vec![(&first.mlp.gate, prepare(&first.mlp.gate, hidden, h))];
+    let mut acts_of = Vec::with_capacity(active.len());
+    for a in &active {
+        let i = match prepared.iter().position(|(l, _)| same_acts(l, &a.mlp.gate)) {
+            Some(i) => i,
+            None => {
+                prepared.push((&a.mlp.gate, prepare(&a.mlp.gate, hidden, h)));
+                prepared.len() - 1
+            }
+        };
+        acts_of.push(i);
+    }
+
+    // Gate + up, one pass: act[e] is [tokens × ff] (token-major, the down projection's input).
+    let work = items(&active, |m| m.gate.out_dim(), cfg);
+    let blocks: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|(i, rows)| {
+            let a = &active[*i];
+            let acts = &prepared[acts_of[*i]].1;
+            let (gate, up) = (&a.mlp.gate, &a.mlp.up);
+            let (kg, ku) = (gate.kernels(), up.kernels());
+            let (dg, du): (&[u8], &[u8]) = (&gate.weight().data, &up.weight().data);
+            let (rg, ru) = (gate.weight().row_bytes(), up.weight().row_bytes());
+            let nt = a.tokens.len();
+            let mut o = vec![0f32; rows.len() * nt];
+            schedule(rows.clone(), nt, cfg, &mut o, |r, s| {
+                let t = a.tokens[s];
+                let g = acts.dot(kg, &dg[r * rg..(r + 1) * rg], t);
+                let u = acts.dot(ku, &du[r * ru..(r + 1) * ru], t);
+                silu(g) * u
+            });
+            o
+        })
+        .collect();
+    let mut inter: Vec<Vec<f32>> =
+        active.iter().map(|a| vec![0f32; a.tokens.len() * a.mlp.gate.out_dim()]).collect();
+    for ((i, rows), b) in work.iter().zip(&blocks) {
+        let (nt, ff) = (active[*i].tokens.len(), active[*i].mlp.gate.out_dim());
+        for (dr, r) in rows.clone().enumerate() {
+            for s in 0..nt {
+                inter[*i][s * ff + r] = b[dr * nt + s];
+            }
+        }
+    }
+    drop(blocks);
+
+    // Down: each expert's intermediate rows prepared for its down projection.
+    let down_acts: Vec<Acts<'_>> = active
+        .par_iter()
+        .zip(&inter)
+        .map(|(a, x)| prepare(&a.mlp.down, x, a.mlp.down.in_dim()))
+        .collect();
+    let work = items(&active, |m| m.down.out_dim(), cfg);
+    let blocks: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|(i, rows)| {
+            let a = &active[*i];
+            let down = &a.mlp.down;
+            let (k, rb) = (down.kernels(), down.weight().row_bytes());
+            let d: &[u8] = &down.weight().data;
+            let nt = a.tokens.len();
+            let mut o = vec![0f32; rows.len() * nt];
+            schedule(rows.clone(), nt, cfg, &mut o, |r, s| {
+                down_acts[*i].dot(k, &d[r * rb..(r + 1) * rb], s)
+            });
+            o
+        })
+        .collect();
+    // Weighted sum in expert id order per token (the reference order).
+    let mut y: Vec<Vec<f32>> = active.iter().map(|a| vec![0f32; a.tokens.len() * h]).collect();
+    for ((i, rows), b) in work.iter().zip(&blocks) {
+        let nt = active[*i].tokens.len();
+        for (dr, r) in rows.clone().enumerate() {
+            for s in 0..nt {
+                y[*i][s * h + r] = b[dr * nt + s];
+            }
+        }
+    }
+    for (a, y) in active.iter().zip(&y) {
+        for (s, (&t, &w)) in a.tokens.iter().zip(&a.weights).enumerate() {
+            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[s * h..(s + 1) * h]) {
+                *o += v * w;
+            }
+        }
+    }
+    Some(out)
+}
