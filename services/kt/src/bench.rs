@@ -8,6 +8,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use kt_expert::bench::{self, BenchConfig, Measurement, Transport, NOT_IMPLEMENTED};
 use kt_expert::WireDType;
 
+mod experts;
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -19,6 +21,9 @@ enum BenchCommand {
     /// Round-trip time of one MoE-layer hop (hidden states + top-k out, expert sum back) per
     /// transport, with experts that answer at once: p50/p99/mean/min in µs.
     Transport(TransportArgs),
+    /// One MoE layer's routed experts: µs per call, GB/s of expert weights (and share of the
+    /// measured DRAM read bandwidth), TFLOPS, per token count and kernel schedule.
+    Experts(experts::ExpertsArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -52,6 +57,7 @@ struct TransportArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Transport(a) => transport(a),
+        BenchCommand::Experts(a) => experts::run(a),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::linear::Linear;
 use crate::ops::{sigmoid, silu, softmax, top_k};
 use crate::ModelError;
 
+pub mod bench;
 mod fused;
 pub use fused::FusedConfig;
 
