@@ -9,6 +9,7 @@
 //! Model code loads weights through [`TensorSource`], which [`GgufModel`] and [`HfFolder`]
 //! implement.
 
+pub mod embedded;
 mod error;
 pub mod gguf;
 pub mod hf;

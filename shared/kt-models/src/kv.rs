@@ -298,7 +298,9 @@ impl SeqKv {
         &self.blocks
     }
 
-    pub(crate) fn advance(&mut self, n: usize) {
+    /// Records `n` more positions as processed: a backend calls this once it has written
+    /// them into the blocks [`KvBlocks::reserve`] gave.
+    pub fn advance(&mut self, n: usize) {
         self.len += n;
     }
 }

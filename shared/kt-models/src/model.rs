@@ -322,6 +322,12 @@ impl Model {
         &self.experts
     }
 
+    /// The routing in force: the model's MoE config, or its "selective experts" variant
+    /// (None for a dense model).
+    pub fn routing_config(&self) -> Option<&crate::config::MoeConfig> {
+        self.selective.as_ref().or(self.config.moe.as_ref())
+    }
+
     /// Replaces the routed-expert implementation (e.g. with a remote expert tier).
     pub fn with_experts(mut self, experts: Arc<dyn Experts>) -> Self {
         self.experts = experts;
