@@ -143,8 +143,13 @@ fn items(
     out
 }
 
+/// Weight rows kept in cache across a token tile in the prefill schedule (16 rows of gate
+/// and up at hidden 2048-7168 in 4-8 bit formats: 20-120 KiB, within L2).
+const TILE_ROWS: usize = 16;
+
 /// Calls `f(row, token slot)` for `rows` × `0..tokens` in the regime's order, writing to
-/// `out[(row - rows.start) * tokens + slot]`.
+/// `out[(row - rows.start) * tokens + slot]`: decode, each row with all tokens; prefill, per
+/// block of [`TILE_ROWS`] rows, per tile of tokens, each row of the block with the tile.
 fn schedule(
     rows: std::ops::Range<usize>,
     tokens: usize,
@@ -152,17 +157,24 @@ fn schedule(
     out: &mut [f32],
     mut f: impl FnMut(usize, usize) -> f32,
 ) {
-    let tile = if tokens >= cfg.prefill_min_tokens { cfg.token_tile.max(1) } else { tokens };
-    let mut t0 = 0;
-    while t0 < tokens {
-        let t1 = (t0 + tile).min(tokens);
-        for r in rows.clone() {
-            let o = &mut out[(r - rows.start) * tokens..(r - rows.start + 1) * tokens];
-            for (s, v) in o[t0..t1].iter_mut().enumerate() {
-                *v = f(r, t0 + s);
+    let prefill = tokens >= cfg.prefill_min_tokens;
+    let (tile, block) =
+        if prefill { (cfg.token_tile.max(1), TILE_ROWS) } else { (tokens, rows.len()) };
+    let mut b0 = rows.start;
+    while b0 < rows.end {
+        let b1 = (b0 + block.max(1)).min(rows.end);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let t1 = (t0 + tile).min(tokens);
+            for r in b0..b1 {
+                let o = &mut out[(r - rows.start) * tokens..(r - rows.start + 1) * tokens];
+                for (s, v) in o[t0..t1].iter_mut().enumerate() {
+                    *v = f(r, t0 + s);
+                }
             }
+            t0 = t1;
         }
-        t0 = t1;
+        b0 = b1;
     }
 }
 

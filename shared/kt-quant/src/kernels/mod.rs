@@ -8,7 +8,8 @@
 //!   Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and SIMD `vec_dot` for Q8_0·Q8_0, Q4_K·Q8_K, Q6_K·Q8_K;
 //! * `avx512` (AVX-512 F + BW + VL, on top of the AVX2 set): 16-lane `dot_f32` for the same
 //!   formats; its `vec_dot` entries are the AVX2 ones.
-//! * `vnni` (AVX-512 + VNNI): the AVX-512 table with `VPDPBUSD` `vec_dot` for Q8_0·Q8_0,
+//! * `vnni` (AVX-512 + VNNI): the AVX-512 table with `VPDPBUSD` `vec_dot` for
+//!   Q4_0/Q5_0/Q8_0·Q8_0,
 //!   Q4_K/Q5_K/Q6_K/IQ4_XS·Q8_K, and `VDPBF16PS` BF16·BF16 where the CPU has AVX512_BF16.
 //!
 //! Every family's table covers all formats: entries without a SIMD version are the scalar

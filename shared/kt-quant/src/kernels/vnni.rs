@@ -1,7 +1,7 @@
 //! AVX-512 VNNI kernels (x86-64 only), reached only through [`table`] after
 //! [`super::Isa::Vnni`] was detected (AVX-512 F/BW/VL + VNNI, on top of the AVX2 set).
 //!
-//! `vec_dot` of Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS against Q8_0/Q8_K activations with
+//! `vec_dot` of Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K and IQ4_XS against Q8_0/Q8_K activations with
 //! `VPDPBUSD` (`_mm512_dpbusd_epi32` / `_mm256_dpbusd_epi32`: four u8 × i8 products added to an
 //! i32 lane), and, where the CPU also has AVX512_BF16, `vec_dot` of BF16 × BF16 with
 //! `VDPBF16PS`.
@@ -17,7 +17,7 @@
 //!
 //! Unsigned × signed: VPDPBUSD multiplies unsigned bytes by signed ones. Q4_K/Q5_K/Q6_K
 //! weights are stored unsigned (Q6_K's `q - 32` offset is applied through the activations'
-//! block sums); Q8_0 and IQ4_XS weights are signed, so they are offset by +128 (`w ^ 0x80`)
+//! block sums; Q4_0/Q5_0's `q - 8`/`q - 16` through `c · Σa`, computed with VPDPBUSD too); Q8_0 and IQ4_XS weights are signed, so they are offset by +128 (`w ^ 0x80`)
 //! and `128 · Σa` is subtracted, which is exact for every byte value (-128 included).
 //!
 //! Q8_K block sums: the K-quant kernels here take `Σa` per 16 values from the activations'
@@ -60,11 +60,13 @@ macro_rules! with_vec_dot {
 /// The VNNI table of `ty`: the AVX-512 table with VNNI `vec_dot`s where this module has them.
 pub(super) fn table(ty: GgmlType) -> Option<&'static Kernels> {
     use std::sync::OnceLock;
-    static T: OnceLock<[Option<Kernels>; 6]> = OnceLock::new();
+    static T: OnceLock<[Option<Kernels>; 8]> = OnceLock::new();
     let t = T.get_or_init(|| {
         let mk = |ty: GgmlType| -> Option<Kernels> {
             Some(match ty {
                 GgmlType::Q8_0 => with_vec_dot!(Q8_0, vec_dot_q8_0),
+                GgmlType::Q4_0 => with_vec_dot!(Q4_0, vec_dot_q4_0),
+                GgmlType::Q5_0 => with_vec_dot!(Q5_0, vec_dot_q5_0),
                 GgmlType::Q4_K => with_vec_dot!(Q4_K, vec_dot_q4_k),
                 GgmlType::Q5_K => with_vec_dot!(Q5_K, vec_dot_q5_k),
                 GgmlType::Q6_K => with_vec_dot!(Q6_K, vec_dot_q6_k),
@@ -80,6 +82,8 @@ pub(super) fn table(ty: GgmlType) -> Option<&'static Kernels> {
             mk(GgmlType::Q6_K),
             mk(GgmlType::IQ4_XS),
             mk(GgmlType::BF16),
+            mk(GgmlType::Q4_0),
+            mk(GgmlType::Q5_0),
         ]
     });
     let i = match ty {
@@ -89,6 +93,8 @@ pub(super) fn table(ty: GgmlType) -> Option<&'static Kernels> {
         GgmlType::Q6_K => 3,
         GgmlType::IQ4_XS => 4,
         GgmlType::BF16 => 5,
+        GgmlType::Q4_0 => 6,
+        GgmlType::Q5_0 => 7,
         _ => return avx512::table(ty),
     };
     t[i].as_ref().or_else(|| avx512::table(ty))
@@ -101,6 +107,8 @@ pub(super) fn bf16_available() -> bool {
 }
 
 entry!(vec_dot_q8_0 => q8_0_q8_0(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q4_0 => q4_0_q8_0(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q5_0 => q5_0_q8_0(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q4_k => q4_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q5_k => q5_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q6_k => q6_k_q8_k(w: &[u8], a: &[u8]) -> f32);
@@ -214,6 +222,77 @@ fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
         sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
     sumf
+}
+
+/// Q4_0 and Q5_0 against Q8_0: `unpack(block)` gives the 32 unsigned quants of a weight
+/// block (`bytes` long) in value order, `offset` is what the format subtracts (8 or 16).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn small_q8_0(
+    w: &[u8],
+    a: &[u8],
+    bytes: usize,
+    offset: i8,
+    unpack: impl Fn(&[u8]) -> __m256i,
+) -> f32 {
+    let n = (w.len() / bytes).min(a.len() / 34);
+    let c = _mm512_set1_epi8(offset);
+    let mut acc = _mm512_setzero_ps();
+    let mut b = 0;
+    // Two blocks per register: lanes 0..8 block b, lanes 8..16 block b + 1.
+    while b + 2 <= n {
+        let (x0, x1) = (&w[bytes * b..bytes * (b + 1)], &w[bytes * (b + 1)..bytes * (b + 2)]);
+        let (y0, y1) = (&a[34 * b..34 * b + 34], &a[34 * b + 34..34 * b + 68]);
+        let aq = join(ld256(y0, 2), ld256(y1, 2));
+        // Σ (u − c) a = Σ u a − c Σ a, four products per lane.
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(unpack(x0), unpack(x1)), aq);
+        let s = _mm512_sub_epi32(p, _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, aq));
+        let d = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(f16_at(x0, 0) * f16_at(y0, 0)),
+            _mm512_set1_ps(f16_at(x1, 0) * f16_at(y1, 0)),
+        );
+        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc);
+        b += 2;
+    }
+    let mut sumf = _mm512_reduce_add_ps(acc);
+    if b < n {
+        let (x, y) = (&w[bytes * b..bytes * (b + 1)], &a[34 * b..34 * b + 34]);
+        let aq = ld256(y, 2);
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack(x), aq);
+        let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(offset), aq);
+        let v = _mm256_sub_epi32(p, q);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)));
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}
+
+/// The 16 bytes at `at` split into 32 nibbles: low nibbles (values 0..16), then high ones.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn nibbles32(x: &[u8], at: usize) -> __m256i {
+    let q = ld128(x, at);
+    let m4 = _mm_set1_epi8(0xF);
+    let lo = _mm_and_si128(q, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), m4);
+    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    small_q8_0(w, a, 18, 8, |x| nibbles32(x, 2))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    small_q8_0(w, a, 22, 16, |x| {
+        // Bit j of qh is the fifth bit of value j: 16 in the bytes whose bit is set.
+        let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+        _mm256_or_si256(nibbles32(x, 6), _mm256_maskz_set1_epi8(qh, 16))
+    })
 }
 
 /// Q4_K and Q5_K: `hbits(j)` gives the fifth bits (already `<< 4`) of the 64 values of chunk
