@@ -14,6 +14,7 @@ use kt_tokenize::Tokenizer;
 mod bench;
 mod chat;
 mod embedded;
+mod health;
 mod plan;
 mod synth;
 
@@ -38,6 +39,8 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Measure kt's parts (`transport`: one worker ↔ expert hop per transport).
     Bench(bench::BenchArgs),
+    /// Ask a gateway, worker or expert server whether it serves (exit 0) or not (exit 1).
+    Healthcheck(health::HealthArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -180,6 +183,7 @@ fn main() -> Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Healthcheck(args) => health::run(args),
     }
 }
 
