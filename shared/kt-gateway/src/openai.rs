@@ -1,0 +1,586 @@
+//! The OpenAI API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::{self, Job, Sampling};
+use crate::engine::{self, Event, Outcome, TokenLp};
+use crate::error::{ApiError, Flavor};
+use crate::server::{stream_response, ApiJson, AppState};
+use crate::tools::ToolCall;
+
+type Res = Result<Response, Response>;
+
+fn err(e: ApiError) -> Response {
+    e.into_response_as(Flavor::OpenAi)
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// Fields both completion routes take.
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: String,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    n: Option<u32>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    stop: Option<Stop>,
+    seed: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<HashMap<String, f32>>,
+    user: Option<String>,
+    // Extensions in vLLM's spelling.
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatBody {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<Value>,
+    max_completion_tokens: Option<u32>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    response_format: Option<Value>,
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+/// `prompt`: text, texts, ids, or lists of ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionBody {
+    #[serde(flatten)]
+    common: Common,
+    prompt: Prompt,
+    suffix: Option<String>,
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    response_format: Option<Value>,
+}
+
+fn sampling(c: &Common, vocab: usize) -> Result<Sampling, ApiError> {
+    let mut logit_bias = Vec::new();
+    for (k, &v) in c.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::param("logit_bias", format!("`logit_bias` keys must be token ids; got `{k}`."))
+        })?;
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(ApiError::param("logit_bias", format!("Bias {v} for token {id} is outside [-100, 100].")));
+        }
+        logit_bias.push((id, v));
+    }
+    let _ = vocab;
+    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
+        if let Some(v) = v {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::param(name, format!("`{name}` is {v}; it must be in [-2, 2].")));
+            }
+        }
+    }
+    if let Some(t) = c.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::param("temperature", format!("`temperature` is {t}; it must be in [0, 2].")));
+        }
+    }
+    let top_k = match c.top_k {
+        None | Some(-1) => 0,
+        Some(k) if k >= 0 => k as usize,
+        Some(k) => return Err(ApiError::param("top_k", format!("`top_k` is {k}; use -1 or 0 for none."))),
+    };
+    let stop = match &c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 {
+        return Err(ApiError::param("stop", "Up to 4 stop sequences are allowed."));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::param("stop", "Stop sequences must not be empty."));
+    }
+    Ok(Sampling {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_p: c.top_p.unwrap_or(1.0),
+        top_k,
+        min_p: c.min_p.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        penalty_window: None,
+        logit_bias,
+        seed: c.seed.map(|s| s as u64),
+        stop,
+    })
+}
+
+fn check_model(state: &AppState, c: &Common) -> Result<(), ApiError> {
+    if api::model_matches(state, &c.model) {
+        Ok(())
+    } else {
+        Err(ApiError::ModelNotFound(c.model.clone()))
+    }
+}
+
+fn n_of(c: &Common) -> Result<usize, ApiError> {
+    match c.n.unwrap_or(1) {
+        n @ 1..=16 => Ok(n as usize),
+        n => Err(ApiError::param("n", format!("`n` is {n}; it must be between 1 and 16."))),
+    }
+}
+
+fn json_mode(rf: &Option<Value>) -> Result<bool, ApiError> {
+    let Some(rf) = rf else { return Ok(false) };
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(false),
+        Some("json_object") => Ok(true),
+        Some(other) => Err(ApiError::param(
+            "response_format.type",
+            format!("`response_format.type` `{other}` is not supported; use `text` or `json_object`."),
+        )),
+        None => Err(ApiError::param("response_format", "`response_format` needs a `type`.")),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn fingerprint() -> String {
+    format!("kt-{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn chat_logprobs(lps: &[TokenLp]) -> Value {
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|t| {
+            json!({
+                "token": t.text,
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": t.top.iter().map(|(s, b, lp)| json!({"token": s, "logprob": lp, "bytes": b})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+fn completion_logprobs(lps: &[TokenLp], offset0: usize) -> Value {
+    let mut offset = offset0;
+    let mut offsets = Vec::with_capacity(lps.len());
+    for t in lps {
+        offsets.push(offset);
+        offset += t.text.len();
+    }
+    json!({
+        "tokens": lps.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": lps.iter().map(|t| {
+            let m: serde_json::Map<String, Value> = t.top.iter().map(|(s, _, lp)| (s.clone(), json!(lp))).collect();
+            Value::Object(m)
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+fn tool_calls_json(calls: &[ToolCall], rid: &str) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            json!({
+                "id": format!("call_{rid}_{k}"),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            })
+        })
+        .collect()
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// A mid-stream error as an SSE event (the status was sent already).
+fn sse_error(e: &ApiError) -> Bytes {
+    sse(&e.body(Flavor::OpenAi))
+}
+
+/// The first error of the outcomes, as a response.
+fn first_error(outcomes: &[Outcome]) -> Option<ApiError> {
+    outcomes.iter().find_map(|o| o.error.clone())
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> Res {
+    let arrived = Instant::now();
+    let c = &body.common;
+    check_model(&state, c).map_err(err)?;
+    let vocab = state.model.tokenizer.vocab_size();
+    let sampling = sampling(c, vocab).map_err(err)?;
+    let n = n_of(c).map_err(err)?;
+    let logprobs = body.logprobs.unwrap_or(false);
+    let top = body.top_logprobs.unwrap_or(0);
+    if top > 20 {
+        return Err(err(ApiError::param("top_logprobs", "`top_logprobs` must be between 0 and 20.")));
+    }
+    if top > 0 && !logprobs {
+        return Err(err(ApiError::param("top_logprobs", "`top_logprobs` needs `logprobs: true`.")));
+    }
+    let json = json_mode(&body.response_format).map_err(err)?;
+    let tools_off = matches!(&body.tool_choice, Some(Value::String(s)) if s == "none");
+    match &body.tool_choice {
+        None | Some(Value::String(_)) | Some(Value::Object(_)) => {}
+        Some(_) => return Err(err(ApiError::param("tool_choice", "`tool_choice` must be a string or an object."))),
+    }
+    if let Some(Value::String(s)) = &body.tool_choice {
+        if !matches!(s.as_str(), "none" | "auto" | "required") {
+            return Err(err(ApiError::param("tool_choice", format!("`tool_choice` `{s}` is not one of none, auto, required."))));
+        }
+    }
+    let tools = body.tools.clone().filter(|t| !t.is_empty() && !tools_off);
+    if let Some(ts) = &tools {
+        for (i, t) in ts.iter().enumerate() {
+            if t.get("type").and_then(Value::as_str) != Some("function") || t.pointer("/function/name").and_then(Value::as_str).is_none() {
+                return Err(err(ApiError::param(format!("tools[{i}]"), "Each tool needs `type: \"function\"` and `function.name`.")));
+            }
+        }
+    }
+    let messages = api::normalize_messages(&body.messages).map_err(err)?;
+    let extra = body.chat_template_kwargs.clone().unwrap_or_default();
+    let prompt = api::chat_prompt(&state, messages, tools.clone(), extra).map_err(err)?;
+    let tool_format = if tools.is_some() && !json { state.model.tool_format } else { None };
+    let job = Job {
+        prompts: vec![prompt],
+        sampling,
+        max_tokens: body.max_completion_tokens.or(c.max_tokens),
+        num_ctx: None,
+        n,
+        extra_stop_ids: Vec::new(),
+        top_logprobs: top,
+        logprobs,
+        json,
+        tools: tool_format,
+    };
+    if job.max_tokens == Some(0) {
+        let name = if body.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+        return Err(err(ApiError::param(name, format!("`{name}` must be at least 1."))));
+    }
+    if let Some(u) = &c.user {
+        tracing::debug!(user = %u, "chat completion");
+    }
+    let streams = api::start_all(&state, &job, &headers, arrived).await.map_err(err)?;
+    let rid = streams.first().map(|s| s.request_id().to_owned()).unwrap_or_default();
+    let id = format!("chatcmpl-{rid}");
+    let created = unix_now();
+    let model = state.model.name.clone();
+    if !c.stream.unwrap_or(false) {
+        let results = futures::future::join_all(streams.into_iter().map(engine::collect)).await;
+        let outcomes: Vec<Outcome> = results.iter().map(|r| r.2.clone()).collect();
+        if let Some(e) = first_error(&outcomes) {
+            return Err(err(e));
+        }
+        let mut prompt_tokens = 0;
+        let mut completion_tokens = 0;
+        let choices: Vec<Value> = results
+            .iter()
+            .enumerate()
+            .map(|(i, (text, lps, o))| {
+                prompt_tokens = o.prompt_tokens;
+                completion_tokens += o.completion_tokens;
+                let mut message = json!({"role": "assistant", "content": text});
+                if !o.tool_calls.is_empty() {
+                    message["tool_calls"] = Value::Array(tool_calls_json(&o.tool_calls, &format!("{rid}{i}")));
+                    if text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if logprobs { chat_logprobs(lps) } else { Value::Null },
+                    "finish_reason": o.finish.openai(),
+                })
+            })
+            .collect();
+        let out = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": fingerprint(), "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        });
+        return Ok(with_request_id(axum::Json(out).into_response(), &rid));
+    }
+    let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let n_choices = streams.len();
+    let chunk = move |choices: Value| {
+        let mut v = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": fingerprint(), "choices": choices,
+        });
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    let mut head = Vec::with_capacity(n_choices);
+    for i in 0..n_choices {
+        head.push(Ok::<_, Infallible>(sse(&chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])))));
+    }
+    let rid2 = rid.clone();
+    let mut totals = [0usize; 3];
+    let events = api::merge(streams).filter_map(move |(i, ev)| {
+        let out = match ev {
+            Event::Delta { text, logprobs: lps } => {
+                let lp = if logprobs { chat_logprobs(&lps) } else { Value::Null };
+                let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+                Some(sse(&chunk(json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}]))))
+            }
+            Event::Done(o) => {
+                totals[0] = o.prompt_tokens;
+                totals[1] += o.completion_tokens;
+                totals[2] += 1;
+                let mut bytes = Vec::new();
+                if let Some(e) = &o.error {
+                    bytes.extend_from_slice(&sse_error(e));
+                } else {
+                    if !o.tool_calls.is_empty() {
+                        let calls: Vec<Value> = tool_calls_json(&o.tool_calls, &format!("{rid2}{i}"))
+                            .into_iter()
+                            .enumerate()
+                            .map(|(k, mut c)| {
+                                c["index"] = json!(k);
+                                c
+                            })
+                            .collect();
+                        bytes.extend_from_slice(&sse(&chunk(json!([{"index": i, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null}]))));
+                    }
+                    bytes.extend_from_slice(&sse(&chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": o.finish.openai()}]))));
+                }
+                if totals[2] == n_choices {
+                    if include_usage {
+                        let mut u = chunk(json!([]));
+                        u["usage"] = usage(totals[0], totals[1]);
+                        bytes.extend_from_slice(&sse(&u));
+                    }
+                    bytes.extend_from_slice(b"data: [DONE]\n\n");
+                }
+                Some(Bytes::from(bytes))
+            }
+        };
+        futures::future::ready(out.map(Ok::<_, Infallible>))
+    });
+    let body = Body::from_stream(futures::stream::iter(head).chain(events));
+    Ok(stream_response("text/event-stream", body, &rid))
+}
+
+fn with_request_id(mut res: Response, rid: &str) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(rid) {
+        res.headers_mut().insert(crate::names::http::REQUEST_ID, v);
+    }
+    res
+}
+
+pub(crate) async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CompletionBody>,
+) -> Res {
+    let arrived = Instant::now();
+    let c = &body.common;
+    check_model(&state, c).map_err(err)?;
+    let vocab = state.model.tokenizer.vocab_size();
+    let sampling = sampling(c, vocab).map_err(err)?;
+    let n = n_of(c).map_err(err)?;
+    let top = body.logprobs.unwrap_or(0);
+    if top > 5 {
+        return Err(err(ApiError::param("logprobs", "`logprobs` must be between 0 and 5.")));
+    }
+    let logprobs = body.logprobs.is_some();
+    let json = json_mode(&body.response_format).map_err(err)?;
+    if c.max_tokens == Some(0) {
+        return Err(err(ApiError::param("max_tokens", "`max_tokens` must be at least 1.")));
+    }
+    let echo = body.echo.unwrap_or(false);
+    let (prompts, texts): (Vec<Vec<u32>>, Vec<String>) = match (&body.prompt, &body.suffix) {
+        (Prompt::Text(t), Some(suffix)) => (vec![api::fim_prompt(&state, t, suffix).map_err(err)?], vec![t.clone()]),
+        (_, Some(_)) => return Err(err(ApiError::param("suffix", "`suffix` needs a single text `prompt`."))),
+        (Prompt::Text(t), None) => (vec![api::text_prompt(&state, t).map_err(err)?], vec![t.clone()]),
+        (Prompt::Texts(ts), None) => {
+            if ts.is_empty() {
+                return Err(err(ApiError::param("prompt", "`prompt` is an empty list.")));
+            }
+            let mut ps = Vec::new();
+            for t in ts {
+                ps.push(api::text_prompt(&state, t).map_err(err)?);
+            }
+            (ps, ts.clone())
+        }
+        (Prompt::Ids(ids), None) => (vec![ids.clone()], vec![state.model.tokenizer.decode(ids, false).unwrap_or_default()]),
+        (Prompt::IdLists(l), None) => {
+            if l.is_empty() {
+                return Err(err(ApiError::param("prompt", "`prompt` is an empty list.")));
+            }
+            let texts = l.iter().map(|ids| state.model.tokenizer.decode(ids, false).unwrap_or_default()).collect();
+            (l.clone(), texts)
+        }
+    };
+    if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.iter().any(|&id| id as usize >= vocab)) {
+        return Err(err(ApiError::param("prompt", format!("Prompt {i} has a token id outside the vocabulary of {vocab}."))));
+    }
+    let job = Job {
+        prompts,
+        sampling,
+        max_tokens: Some(c.max_tokens.unwrap_or(16)),
+        num_ctx: None,
+        n,
+        extra_stop_ids: Vec::new(),
+        top_logprobs: top,
+        logprobs,
+        json,
+        tools: None,
+    };
+    let streams = api::start_all(&state, &job, &headers, arrived).await.map_err(err)?;
+    let rid = streams.first().map(|s| s.request_id().to_owned()).unwrap_or_default();
+    let id = format!("cmpl-{rid}");
+    let created = unix_now();
+    let model = state.model.name.clone();
+    let prompt_text = move |i: usize| texts.get(i / n).cloned().unwrap_or_default();
+    if !c.stream.unwrap_or(false) {
+        let results = futures::future::join_all(streams.into_iter().map(engine::collect)).await;
+        let outcomes: Vec<Outcome> = results.iter().map(|r| r.2.clone()).collect();
+        if let Some(e) = first_error(&outcomes) {
+            return Err(err(e));
+        }
+        let (mut pt, mut ct) = (0, 0);
+        let choices: Vec<Value> = results
+            .iter()
+            .enumerate()
+            .map(|(i, (text, lps, o))| {
+                if i % n == 0 {
+                    pt += o.prompt_tokens;
+                }
+                ct += o.completion_tokens;
+                let p = if echo { prompt_text(i) } else { String::new() };
+                json!({
+                    "text": format!("{p}{text}"),
+                    "index": i,
+                    "logprobs": if logprobs { completion_logprobs(lps, p.len()) } else { Value::Null },
+                    "finish_reason": o.finish.openai(),
+                })
+            })
+            .collect();
+        let out = json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": fingerprint(), "choices": choices, "usage": usage(pt, ct),
+        });
+        return Ok(with_request_id(axum::Json(out).into_response(), &rid));
+    }
+    let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let n_choices = streams.len();
+    let chunk = move |choices: Value| {
+        let mut v = json!({"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": fingerprint(), "choices": choices});
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    let mut head = Vec::new();
+    if echo {
+        for i in 0..n_choices {
+            head.push(Ok::<_, Infallible>(sse(&chunk(json!([{"text": prompt_text(i), "index": i, "logprobs": null, "finish_reason": null}])))));
+        }
+    }
+    let mut totals = [0usize; 3];
+    let events = api::merge(streams).filter_map(move |(i, ev)| {
+        let out = match ev {
+            Event::Delta { text, logprobs: lps } => {
+                let lp = if logprobs { completion_logprobs(&lps, 0) } else { Value::Null };
+                Some(sse(&chunk(json!([{"text": text, "index": i, "logprobs": lp, "finish_reason": null}]))))
+            }
+            Event::Done(o) => {
+                if i % n == 0 {
+                    totals[0] += o.prompt_tokens;
+                }
+                totals[1] += o.completion_tokens;
+                totals[2] += 1;
+                let mut bytes = Vec::new();
+                match &o.error {
+                    Some(e) => bytes.extend_from_slice(&sse_error(e)),
+                    None => bytes.extend_from_slice(&sse(&chunk(json!([{"text": "", "index": i, "logprobs": null, "finish_reason": o.finish.openai()}])))),
+                }
+                if totals[2] == n_choices {
+                    if include_usage {
+                        let mut u = chunk(json!([]));
+                        u["usage"] = usage(totals[0], totals[1]);
+                        bytes.extend_from_slice(&sse(&u));
+                    }
+                    bytes.extend_from_slice(b"data: [DONE]\n\n");
+                }
+                Some(Bytes::from(bytes))
+            }
+        };
+        futures::future::ready(out.map(Ok::<_, Infallible>))
+    });
+    let body = Body::from_stream(futures::stream::iter(head).chain(events));
+    Ok(stream_response("text/event-stream", body, &rid))
+}
+
+fn model_object(state: &AppState) -> Value {
+    json!({"id": state.model.name, "object": "model", "created": state.model.created, "owned_by": "kt"})
+}
+
+pub(crate) async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({"object": "list", "data": [model_object(&state)]})).into_response()
+}
+
+pub(crate) async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if api::model_matches(&state, &id) {
+        axum::Json(model_object(&state)).into_response()
+    } else {
+        err(ApiError::ModelNotFound(id))
+    }
+}
+
