@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kt_cuda::{CudaModel, CudaOptions, Gpu, WeightDtype};
+use kt_cuda::{CudaModel, CudaOptions, Gpu, KvDtype, WeightDtype};
 use kt_models::{Experts, MatmulMode, ModelError, Routing, SeqKv, Step};
 use kt_synth::{Preset, Quant, SynthOptions};
 
@@ -31,6 +31,8 @@ fn argmax(v: &[f32]) -> u32 {
 struct Timed {
     inner: Arc<dyn Experts>,
     nanos: AtomicU64,
+    /// Answer zeros without computing: the GPU side's own time.
+    skip: std::sync::atomic::AtomicBool,
 }
 
 impl Experts for Timed {
@@ -40,6 +42,9 @@ impl Experts for Timed {
         hidden: &[f32],
         routing: &Routing,
     ) -> Result<Vec<f32>, ModelError> {
+        if self.skip.load(Ordering::Relaxed) {
+            return Ok(vec![0.0; hidden.len()]);
+        }
         let t = Instant::now();
         let out = self.inner.forward(layer, hidden, routing);
         self.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -60,13 +65,22 @@ fn main() {
     }
     let t = Instant::now();
     let loaded = kt_models::load(&path, None, MatmulMode::Ggml).unwrap();
-    let timed = Arc::new(Timed { inner: loaded.model.experts().clone(), nanos: AtomicU64::new(0) });
+    let timed = Arc::new(Timed {
+        inner: loaded.model.experts().clone(),
+        nanos: AtomicU64::new(0),
+        skip: Default::default(),
+    });
     let model = Arc::new(loaded.model.with_experts(timed.clone()));
     eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
     let gpu = Gpu::open(0).unwrap();
     let name = gpu.name();
     let t = Instant::now();
-    let opts = CudaOptions { dtype: WeightDtype::Bf16, block_tokens: 16, kv_blocks: 4096 };
+    let opts = CudaOptions {
+        dtype: WeightDtype::Bf16,
+        kv_dtype: KvDtype::Bf16,
+        block_tokens: 16,
+        kv_blocks: 4096,
+    };
     let mut cuda = CudaModel::new(gpu, model.clone(), opts).unwrap();
     eprintln!(
         "uploaded {:.2} GiB to {name} in {:.1} s",
@@ -112,6 +126,23 @@ fn main() {
             cuda.blocks_mut().release(kv);
         }
     }
+    // The GPU side alone: the same decode with the routed experts answering zeros at once.
+    timed.skip.store(true, Ordering::Relaxed);
+    let mut kv = SeqKv::new();
+    let prompt: Vec<u32> = (0..prompt_len).map(|t| ((t * 31 + 1) as u32) % vocab).collect();
+    let mut next =
+        vec![argmax(&cuda.forward_batch(&mut [Step { kv: &mut kv, tokens: &prompt }]).unwrap()[0])];
+    let t = Instant::now();
+    for _ in 0..gen {
+        let l = cuda.forward_batch(&mut [Step { kv: &mut kv, tokens: &next }]).unwrap();
+        next = vec![argmax(&l[0])];
+    }
+    println!(
+        "GPU side alone (experts skipped) batch 1: {:6.2} ms/step",
+        t.elapsed().as_secs_f64() * 1e3 / gen as f64
+    );
+    cuda.blocks_mut().release(&mut kv);
+    timed.skip.store(false, Ordering::Relaxed);
     // The CPU backend alone, one sequence, for comparison.
     let prompt: Vec<u32> = (0..prompt_len).map(|t| ((t * 31 + 1) as u32) % vocab).collect();
     let mut seq = model.new_sequence();

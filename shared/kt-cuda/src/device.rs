@@ -23,6 +23,7 @@ pub(crate) struct Kernels {
     pub rms_norm: CudaFunction,
     pub rope: CudaFunction,
     pub kv_write: CudaFunction,
+    pub kv_write_bf16: CudaFunction,
     pub gather_rows: CudaFunction,
     pub silu_mul: CudaFunction,
     pub add_inplace: CudaFunction,
@@ -30,6 +31,7 @@ pub(crate) struct Kernels {
     pub scale_rows_sigmoid: CudaFunction,
     pub to_bf16: CudaFunction,
     pub attend: CudaFunction,
+    pub attend_bf16: CudaFunction,
     _module: Arc<CudaModule>,
 }
 
@@ -89,6 +91,7 @@ impl Gpu {
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
             kv_write: f("kv_write")?,
+            kv_write_bf16: f("kv_write_bf16")?,
             gather_rows: f("gather_rows")?,
             silu_mul: f("silu_mul")?,
             add_inplace: f("add_inplace")?,
@@ -96,6 +99,7 @@ impl Gpu {
             scale_rows_sigmoid: f("scale_rows_sigmoid")?,
             to_bf16: f("to_bf16")?,
             attend: f("attend")?,
+            attend_bf16: f("attend_bf16")?,
             _module: module,
         };
         let blas = std::panic::catch_unwind(|| CudaBlas::new(stream.clone()))
@@ -124,6 +128,14 @@ impl Gpu {
         n: usize,
     ) -> Result<CudaSlice<T>, CudaError> {
         Ok(self.stream.alloc_zeros::<T>(n.max(1))?)
+    }
+
+    /// A buffer for a kernel or GEMM to fill completely (not cleared: no memset on the hot
+    /// path). Its contents are never read before they are written.
+    pub(crate) fn scratch<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, CudaError> {
+        // SAFETY: the memory is device memory the host never reads before a kernel or GEMM
+        // of this stream has written every element the caller later reads.
+        Ok(unsafe { self.stream.alloc::<T>(n.max(1)) }?)
     }
 
     pub(crate) fn download(&self, d: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, CudaError> {

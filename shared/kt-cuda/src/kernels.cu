@@ -80,12 +80,37 @@ extern "C" __global__ void rope(float* x, int heads, int row_stride, int head_st
     }
 }
 
+// KV cache elements: f32, or bf16 as raw 16-bit patterns (round to nearest even on write).
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const unsigned short* p) {
+    return __uint_as_float(((unsigned int)*p) << 16);
+}
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(unsigned short* p, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffff) > 0x7f800000) {
+        *p = (unsigned short)((u >> 16) | 0x40);
+    } else {
+        u += 0x7fff + ((u >> 16) & 1);
+        *p = (unsigned short)(u >> 16);
+    }
+}
+
 // cache[slot[r]][0..width] = src[r * src_stride + src_offset ..]; one block per row.
+template <typename T>
+__device__ void kv_write_t(const float* src, int src_stride, int src_offset, T* cache,
+                           const int* slots, int width) {
+    const float* s = src + (size_t)blockIdx.x * src_stride + src_offset;
+    T* d = cache + (size_t)slots[blockIdx.x] * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) st(d + i, s[i]);
+}
 extern "C" __global__ void kv_write(const float* src, int src_stride, int src_offset,
                                     float* cache, const int* slots, int width) {
-    const float* s = src + (size_t)blockIdx.x * src_stride + src_offset;
-    float* d = cache + (size_t)slots[blockIdx.x] * width;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) d[i] = s[i];
+    kv_write_t(src, src_stride, src_offset, cache, slots, width);
+}
+extern "C" __global__ void kv_write_bf16(const float* src, int src_stride, int src_offset,
+                                         unsigned short* cache, const int* slots, int width) {
+    kv_write_t(src, src_stride, src_offset, cache, slots, width);
 }
 
 // out[r] = table[ids[r]] for rows of width d; one block per row.
@@ -142,15 +167,19 @@ extern "C" __global__ void to_bf16(const float* x, unsigned short* y, long n) {
 //   MLA: qa = k_b-absorbed query (kv_lora), qb = RoPE query; ka = va = latents, kb = RoPE keys.
 // Caches are [slot][width]; a head's part starts at kv_head * *_head_off.
 #define TILE 256
-extern "C" __global__ void attend(
-    const float* qa, int qa_row, int qa_head, int da,
-    const float* qb, int qb_row, int qb_head, int db,
-    const float* ka, int ka_width, int ka_head_off,
-    const float* kb, int kb_width, int kb_head_off,
-    const float* va, int va_width, int va_head_off, int dv,
-    float* out, int out_row, int out_head,
-    const int* positions, const int* seqs, const int* tables, int table_stride,
-    int block_tokens, int n_heads, int group, float scale) {
+#define ATTEND_PARAMS(T)                                                                   \
+    const float *qa, int qa_row, int qa_head, int da, const float *qb, int qb_row,         \
+        int qb_head, int db, const T *ka, int ka_width, int ka_head_off, const T *kb,      \
+        int kb_width, int kb_head_off, const T *va, int va_width, int va_head_off, int dv, \
+        float *out, int out_row, int out_head, const int *positions, const int *seqs,      \
+        const int *tables, int table_stride, int block_tokens, int n_heads, int group,     \
+        float scale
+#define ATTEND_ARGS                                                                        \
+    qa, qa_row, qa_head, da, qb, qb_row, qb_head, db, ka, ka_width, ka_head_off, kb,       \
+        kb_width, kb_head_off, va, va_width, va_head_off, dv, out, out_row, out_head,      \
+        positions, seqs, tables, table_stride, block_tokens, n_heads, group, scale
+template <typename T>
+__device__ void attend_t(ATTEND_PARAMS(T)) {
     extern __shared__ float smem[];
     float* q = smem;                 // da + db
     float* sc = smem + da + db;      // TILE
@@ -172,13 +201,13 @@ extern "C" __global__ void attend(
         for (int j = threadIdx.x; j < n; j += blockDim.x) {
             int p = start + j;
             size_t slot = (size_t)table[p / block_tokens] * block_tokens + p % block_tokens;
-            const float* kr = ka + slot * ka_width + (size_t)kvh * ka_head_off;
+            const T* kr = ka + slot * ka_width + (size_t)kvh * ka_head_off;
             float s = 0.0f;
-            for (int i = 0; i < da; i++) s += q[i] * kr[i];
+            for (int i = 0; i < da; i++) s += q[i] * ld(kr + i);
             if (db > 0) {
-                const float* kr2 = kb + slot * kb_width + (size_t)kvh * kb_head_off;
+                const T* kr2 = kb + slot * kb_width + (size_t)kvh * kb_head_off;
                 float s2 = 0.0f;
-                for (int i = 0; i < db; i++) s2 += q[da + i] * kr2[i];
+                for (int i = 0; i < db; i++) s2 += q[da + i] * ld(kr2 + i);
                 s += s2;
             }
             sc[j] = s * scale;
@@ -204,7 +233,7 @@ extern "C" __global__ void attend(
             for (int j = 0; j < n; j++) {
                 int p = start + j;
                 size_t slot = (size_t)table[p / block_tokens] * block_tokens + p % block_tokens;
-                a += sc[j] * va[slot * va_width + (size_t)kvh * va_head_off + i];
+                a += sc[j] * ld(va + slot * va_width + (size_t)kvh * va_head_off + i);
             }
             acc[k] = a;
         }
@@ -218,3 +247,5 @@ extern "C" __global__ void attend(
         out[(size_t)row * out_row + (size_t)head * out_head + i] = acc[k] * inv;
     }
 }
+extern "C" __global__ void attend(ATTEND_PARAMS(float)) { attend_t(ATTEND_ARGS); }
+extern "C" __global__ void attend_bf16(ATTEND_PARAMS(unsigned short)) { attend_t(ATTEND_ARGS); }

@@ -12,7 +12,7 @@ mod device;
 mod model;
 
 pub use device::{Gpu, WeightDtype};
-pub use model::{CudaModel, CudaOptions};
+pub use model::{matmul, CudaModel, CudaOptions, KvDtype};
 
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]

@@ -74,7 +74,7 @@ impl GpuLinear {
         ldx: usize,
         n: usize,
     ) -> Result<CudaSlice<f32>, CudaError> {
-        let y = gpu.zeros::<f32>(n * self.out)?;
+        let y = gpu.scratch::<f32>(n * self.out)?;
         let dims = (n, self.out, self.inp);
         match &self.w {
             Weights::F32(w) => gpu.gemm(
@@ -88,7 +88,7 @@ impl GpuLinear {
             )?,
             Weights::Bf16(w) => {
                 // Round the activations to bf16 for the tensor-core product.
-                let xb = gpu.zeros::<u16>(n * self.inp)?;
+                let xb = gpu.scratch::<u16>(n * self.inp)?;
                 if ldx == self.inp {
                     gpu.launch_1d(
                         &gpu.k.to_bf16,
@@ -209,6 +209,8 @@ struct GpuMoe {
     shared_gate: Option<GpuLinear>,
 }
 
+// One per layer, built once: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum GpuFfn {
     Dense(GpuMlp),
     Moe(GpuMoe),
@@ -221,14 +223,44 @@ struct GpuLayer {
     ffn: GpuFfn,
     /// The paged cache of this layer: `[slot][kw]` and `[slot][vw]` (GQA keys and values;
     /// MLA latents and RoPE keys).
-    cache_k: CudaSlice<f32>,
-    cache_v: CudaSlice<f32>,
+    cache_k: KvBuf,
+    cache_v: KvBuf,
+}
+
+/// How the KV cache stores its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    /// Half the memory of f32; values rounded to bf16 when written.
+    Bf16,
+}
+
+enum KvBuf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl KvBuf {
+    fn new(gpu: &Gpu, dtype: KvDtype, n: usize) -> Result<Self, CudaError> {
+        Ok(match dtype {
+            KvDtype::F32 => Self::F32(gpu.zeros(n)?),
+            KvDtype::Bf16 => Self::Bf16(gpu.zeros(n)?),
+        })
+    }
+
+    fn ptr(&self, gpu: &Gpu) -> u64 {
+        match self {
+            Self::F32(b) => gpu.ptr(b),
+            Self::Bf16(b) => gpu.ptr(b),
+        }
+    }
 }
 
 /// Options of [`CudaModel::new`].
 #[derive(Clone, Copy, Debug)]
 pub struct CudaOptions {
     pub dtype: WeightDtype,
+    pub kv_dtype: KvDtype,
     /// Positions per KV block.
     pub block_tokens: usize,
     /// KV blocks to allocate on the device.
@@ -237,7 +269,12 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { dtype: WeightDtype::Bf16, block_tokens: 16, kv_blocks: 1024 }
+        Self {
+            dtype: WeightDtype::Bf16,
+            kv_dtype: KvDtype::Bf16,
+            block_tokens: 16,
+            kv_blocks: 1024,
+        }
     }
 }
 
@@ -355,8 +392,8 @@ impl CudaModel {
                 ffn_norm: gpu.upload(&layer.ffn_norm)?,
                 attn,
                 ffn,
-                cache_k: gpu.zeros::<f32>(slots * kw)?,
-                cache_v: gpu.zeros::<f32>(slots * vw)?,
+                cache_k: KvBuf::new(&gpu, opts.kv_dtype, slots * kw)?,
+                cache_v: KvBuf::new(&gpu, opts.kv_dtype, slots * vw)?,
             });
         }
         let max_positions = c.max_position.clamp(1, 1 << 17);
@@ -474,7 +511,7 @@ impl CudaModel {
             table_stride,
         };
         let ids = g.upload(&ids)?;
-        let mut x = g.zeros::<f32>(rows * h)?;
+        let mut x = g.scratch::<f32>(rows * h)?;
         g.launch(
             &g.k.gather_rows,
             rows as u32,
@@ -504,7 +541,7 @@ impl CudaModel {
         }
         let last_idx = g.upload(&last_rows)?;
         let m = steps.len();
-        let last = g.zeros::<f32>(m * h)?;
+        let last = g.scratch::<f32>(m * h)?;
         g.launch(
             &g.k.gather_rows,
             m as u32,
@@ -533,7 +570,7 @@ impl CudaModel {
         w: &CudaSlice<f32>,
     ) -> Result<CudaSlice<f32>, CudaError> {
         let h = self.model.config.hidden;
-        let y = self.gpu.zeros::<f32>(rows * h)?;
+        let y = self.gpu.scratch::<f32>(rows * h)?;
         self.rms(self.gpu.ptr(x), h, self.gpu.ptr(&y), h, w, h, rows)?;
         Ok(y)
     }
@@ -613,13 +650,17 @@ impl CudaModel {
         src: u64,
         src_stride: usize,
         src_offset: usize,
-        cache: &CudaSlice<f32>,
+        cache: &KvBuf,
         width: usize,
         b: &DeviceBatch,
     ) -> Result<(), CudaError> {
         let g = &self.gpu;
+        let f = match cache {
+            KvBuf::F32(_) => &g.k.kv_write,
+            KvBuf::Bf16(_) => &g.k.kv_write_bf16,
+        };
         g.launch(
-            &g.k.kv_write,
+            f,
             b.rows as u32,
             128,
             0,
@@ -627,7 +668,7 @@ impl CudaModel {
                 Arg::Ptr(src),
                 Arg::I32(src_stride as i32),
                 Arg::I32(src_offset as i32),
-                Arg::Ptr(g.ptr(cache)),
+                Arg::Ptr(cache.ptr(g)),
                 Arg::Ptr(g.ptr(&b.slots)),
                 Arg::I32(width as i32),
             ],
@@ -658,14 +699,14 @@ impl CudaModel {
         let kd = nkv * hd;
         self.kv_write(g.ptr(&k), kd, 0, &layer.cache_k, kd, b)?;
         self.kv_write(g.ptr(&v), kd, 0, &layer.cache_v, kd, b)?;
-        let out = g.zeros::<f32>(n * nh * hd)?;
+        let out = g.scratch::<f32>(n * nh * hd)?;
         let scale = 1.0 / (hd as f32).sqrt();
         self.attend(
             (g.ptr(&q), nh * hd, hd, hd),
             (0, 0, 0, 0),
-            (g.ptr(&layer.cache_k), kd, hd),
+            (layer.cache_k.ptr(g), kd, hd),
             (0, 0, 0),
-            (g.ptr(&layer.cache_v), kd, hd, hd),
+            (layer.cache_v.ptr(g), kd, hd, hd),
             (g.ptr(&out), nh * hd, hd),
             b,
             nh,
@@ -694,9 +735,13 @@ impl CudaModel {
             return Err(CudaError::Kernel(format!("attention value width {} is over 1024", va.3)));
         }
         let shared = ((qa.3 + qb.3 + 256) * 4) as u32;
+        let f = match self.opts.kv_dtype {
+            KvDtype::F32 => &g.k.attend,
+            KvDtype::Bf16 => &g.k.attend_bf16,
+        };
         let i = |v: usize| Arg::I32(v as i32);
         g.launch(
-            &g.k.attend,
+            f,
             (b.rows * n_heads) as u32,
             128,
             shared,
@@ -754,14 +799,14 @@ impl CudaModel {
             }
         };
         let kv = m.kv_a.forward(g, g.ptr(y), h, n)?;
-        let latent = g.zeros::<f32>(n * r)?;
+        let latent = g.scratch::<f32>(n * r)?;
         self.rms(g.ptr(&kv), r + rope, g.ptr(&latent), r, &m.kv_a_norm, r, n)?;
         self.rope(g.ptr(&kv), n, 1, r + rope, 0, r, b)?;
         self.kv_write(g.ptr(&latent), r, 0, &layer.cache_k, r, b)?;
         self.kv_write(g.ptr(&kv), r + rope, r, &layer.cache_v, rope, b)?;
         self.rope(g.ptr(&q), n, nh, nh * qk, qk, nope, b)?;
         // Absorb k_b into the queries: q_lat[t][head] = k_b[head] · q_nope[t][head].
-        let q_lat = g.zeros::<f32>(n * nh * r)?;
+        let q_lat = g.scratch::<f32>(n * nh * r)?;
         g.gemm(
             WeightDtype::F32,
             g.ptr(&m.k_b),
@@ -771,14 +816,14 @@ impl CudaModel {
             (nh * qk, nh * r),
             (nh, r * nope, qk, r),
         )?;
-        let ctx = g.zeros::<f32>(n * nh * r)?;
+        let ctx = g.scratch::<f32>(n * nh * r)?;
         let scale = self.model.softmax_scale_mult() / (qk as f32).sqrt();
         self.attend(
             (g.ptr(&q_lat), nh * r, r, r),
             (g.ptr(&q) + (nope * 4) as u64, nh * qk, qk, rope),
-            (g.ptr(&layer.cache_k), r, 0),
-            (g.ptr(&layer.cache_v), rope, 0),
-            (g.ptr(&layer.cache_k), r, 0, r),
+            (layer.cache_k.ptr(g), r, 0),
+            (layer.cache_v.ptr(g), rope, 0),
+            (layer.cache_k.ptr(g), r, 0, r),
             (g.ptr(&ctx), nh * r, r),
             b,
             nh,
@@ -786,7 +831,7 @@ impl CudaModel {
             scale,
         )?;
         // Each head's value: out[t][head] = v_b[head] · ctx[t][head].
-        let out = g.zeros::<f32>(n * nh * vd)?;
+        let out = g.scratch::<f32>(n * nh * vd)?;
         g.gemm(
             WeightDtype::F32,
             g.ptr(&m.v_b),
@@ -844,4 +889,28 @@ impl CudaModel {
         }
         Ok(out)
     }
+}
+
+/// `y[n × out] = x[n × inp] · W^T` on the GPU with `W[out × inp]` stored as `dtype`: the GEMM
+/// path every layer uses, exposed for checks against the CPU and for tools.
+pub fn matmul(
+    gpu: &Gpu,
+    w: &[f32],
+    (out, inp): (usize, usize),
+    x: &[f32],
+    n: usize,
+    dtype: WeightDtype,
+) -> Result<Vec<f32>, CudaError> {
+    if w.len() != out * inp || x.len() != n * inp {
+        return Err(ModelError::Shape(format!(
+            "matmul: {} weights for [{out} × {inp}], {} inputs for [{n} × {inp}]",
+            w.len(),
+            x.len()
+        ))
+        .into());
+    }
+    let lin = GpuLinear::from_f32(gpu, w, out, inp, None, dtype)?;
+    let xd = gpu.upload(x)?;
+    let y = lin.forward(gpu, gpu.ptr(&xd), inp, n)?;
+    gpu.download(&y, n * out)
 }
