@@ -124,10 +124,10 @@ def cluster(tmp_path_factory):
             "KT_WORKER_LISTEN": f"127.0.0.1:{ports['worker']}",
         })
         c.start("gateway", "kt-gateway", {
-            "KT_GATEWAY_WORKER": f"127.0.0.1:{ports['worker']}",
+            "KT_GATEWAY_WORKERS": f"127.0.0.1:{ports['worker']}",
             "KT_GATEWAY_LISTEN": f"127.0.0.1:{ports['gateway']}",
             "KT_GATEWAY_MODEL": str(MODEL),
-            "KT_GATEWAY_API_KEY": API_KEY,
+            "KT_GATEWAY_API_KEYS": API_KEY,
         })
         c.url = f"http://127.0.0.1:{ports['gateway']}"
 
