@@ -5,6 +5,7 @@
 //! per-buffer events would only add overhead; buffers live as long as the [`Gpu`] that
 //! allocated them.
 
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -35,6 +36,35 @@ pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
 }
 
+/// A device buffer for one step's intermediate values, carved from the [`Gpu`]'s arena: valid
+/// until the next [`Gpu::reset_scratch`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dev {
+    ptr: u64,
+}
+
+/// Anything with a device address.
+pub(crate) trait DevAddr {
+    fn addr(&self, stream: &CudaStream) -> u64;
+}
+
+impl<T> DevAddr for CudaSlice<T> {
+    fn addr(&self, stream: &CudaStream) -> u64 {
+        let (p, _) = self.device_ptr(stream);
+        p
+    }
+}
+
+impl DevAddr for Dev {
+    fn addr(&self, _: &CudaStream) -> u64 {
+        self.ptr
+    }
+}
+
+/// Bytes of the scratch arena; a step that needs more gets extra allocations, freed at the
+/// next reset.
+const ARENA_BYTES: usize = 256 << 20;
+
 /// A device, its stream, kernels and cuBLAS handle.
 pub struct Gpu {
     pub(crate) ctx: Arc<CudaContext>,
@@ -42,6 +72,11 @@ pub struct Gpu {
     pub(crate) k: Kernels,
     blas: CudaBlas,
     ordinal: usize,
+    /// One allocation that a step's intermediate buffers are bumped from (no allocation per
+    /// kernel on the hot path), and what did not fit.
+    arena: CudaSlice<u8>,
+    arena_used: Cell<usize>,
+    overflow: RefCell<Vec<CudaSlice<u8>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -107,7 +142,18 @@ impl Gpu {
                 CudaError::Unavailable("cuBLAS (libcublas.so) could not be loaded".into())
             })?
             .map_err(|e| CudaError::Unavailable(format!("cuBLAS: {e:?}")))?;
-        Ok(Self { ctx, stream, k, blas, ordinal })
+        // SAFETY: scratch memory is written by kernels before it is read (see `scratch`).
+        let arena = unsafe { stream.alloc::<u8>(ARENA_BYTES) }?;
+        Ok(Self {
+            ctx,
+            stream,
+            k,
+            blas,
+            ordinal,
+            arena,
+            arena_used: Cell::new(0),
+            overflow: RefCell::new(Vec::new()),
+        })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -130,17 +176,47 @@ impl Gpu {
         Ok(self.stream.alloc_zeros::<T>(n.max(1))?)
     }
 
-    /// A buffer for a kernel or GEMM to fill completely (not cleared: no memset on the hot
-    /// path). Its contents are never read before they are written.
-    pub(crate) fn scratch<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, CudaError> {
-        // SAFETY: the memory is device memory the host never reads before a kernel or GEMM
-        // of this stream has written every element the caller later reads.
-        Ok(unsafe { self.stream.alloc::<T>(n.max(1)) }?)
+    /// Frees every scratch buffer of the previous step. Work queued on the one stream runs in
+    /// order, so the next step's kernels reuse the memory only after the last one's are done.
+    pub(crate) fn reset_scratch(&self) {
+        self.arena_used.set(0);
+        self.overflow.borrow_mut().clear();
     }
 
-    pub(crate) fn download(&self, d: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>, CudaError> {
-        let mut v = self.stream.clone_dtoh(d)?;
-        v.truncate(n);
+    /// A buffer of `n` elements for a kernel or GEMM to fill completely (not cleared: no
+    /// memset on the hot path); valid until [`Gpu::reset_scratch`].
+    pub(crate) fn scratch<T: DeviceRepr>(&self, n: usize) -> Result<Dev, CudaError> {
+        let bytes = (n.max(1) * std::mem::size_of::<T>()).next_multiple_of(256);
+        let used = self.arena_used.get();
+        if used + bytes <= ARENA_BYTES {
+            self.arena_used.set(used + bytes);
+            return Ok(Dev { ptr: self.ptr(&self.arena) + used as u64 });
+        }
+        // SAFETY: as for the arena: the memory is written before it is read.
+        let extra = unsafe { self.stream.alloc::<u8>(bytes) }?;
+        let ptr = self.ptr(&extra);
+        self.overflow.borrow_mut().push(extra);
+        Ok(Dev { ptr })
+    }
+
+    /// Copies `host` into a scratch buffer.
+    pub(crate) fn put<T: DeviceRepr>(&self, host: &[T]) -> Result<Dev, CudaError> {
+        let d = self.scratch::<T>(host.len())?;
+        // SAFETY: `d` holds `host.len()` elements; a copy from pageable host memory returns
+        // once the source has been staged, so `host` may go away afterwards.
+        unsafe { cudarc::driver::result::memcpy_htod_async(d.ptr, host, self.stream.cu_stream()) }?;
+        Ok(d)
+    }
+
+    /// The first `n` values of a scratch buffer, once the work before it is done.
+    pub(crate) fn get(&self, d: Dev, n: usize) -> Result<Vec<f32>, CudaError> {
+        let mut v = vec![0f32; n];
+        // SAFETY: the caller's buffer holds at least `n` values; the copy is complete when
+        // the stream synchronizes, before `v` is returned.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut v, d.ptr, self.stream.cu_stream())
+        }?;
+        self.sync()?;
         Ok(v)
     }
 
@@ -149,9 +225,8 @@ impl Gpu {
     }
 
     /// Device address of a buffer (valid while the buffer lives).
-    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        let (p, _) = s.device_ptr(&self.stream);
-        p
+    pub(crate) fn ptr<A: DevAddr>(&self, a: &A) -> u64 {
+        a.addr(&self.stream)
     }
 
     /// Runs `f` with a launch builder for `func`; the arguments are device addresses and

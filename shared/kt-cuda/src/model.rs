@@ -16,7 +16,7 @@ use kt_models::model::{Attention, Ffn, MlaQuery};
 use kt_models::moe::{route, Mlp};
 use kt_models::{KvBlocks, Model, ModelError, Step};
 
-use crate::device::{Arg, Gpu, WeightDtype};
+use crate::device::{Arg, Dev, Gpu, WeightDtype};
 use crate::CudaError;
 
 /// Weights of one matrix on the device.
@@ -67,13 +67,7 @@ impl GpuLinear {
     }
 
     /// `y[n × out] = x[n × in] W^T (+ b)`, x's rows `ldx` apart.
-    fn forward(
-        &self,
-        gpu: &Gpu,
-        x: u64,
-        ldx: usize,
-        n: usize,
-    ) -> Result<CudaSlice<f32>, CudaError> {
+    fn forward(&self, gpu: &Gpu, x: u64, ldx: usize, n: usize) -> Result<Dev, CudaError> {
         let y = gpu.scratch::<f32>(n * self.out)?;
         let dims = (n, self.out, self.inp);
         match &self.w {
@@ -151,7 +145,7 @@ impl GpuMlp {
         })
     }
 
-    fn forward(&self, gpu: &Gpu, x: u64, n: usize) -> Result<CudaSlice<f32>, CudaError> {
+    fn forward(&self, gpu: &Gpu, x: u64, n: usize) -> Result<Dev, CudaError> {
         let g = self.gate.forward(gpu, x, self.gate.inp, n)?;
         let u = self.up.forward(gpu, x, self.up.inp, n)?;
         let total = n * self.gate.out;
@@ -305,10 +299,10 @@ impl std::fmt::Debug for CudaModel {
 /// Attention's view of the batch, on the device.
 struct DeviceBatch {
     rows: usize,
-    positions: CudaSlice<i32>,
-    seqs: CudaSlice<i32>,
-    slots: CudaSlice<i32>,
-    tables: CudaSlice<i32>,
+    positions: Dev,
+    seqs: Dev,
+    slots: Dev,
+    tables: Dev,
     table_stride: usize,
 }
 
@@ -501,17 +495,19 @@ impl CudaModel {
             last_rows.push((ids.len() - 1) as i32);
         }
         let g = &self.gpu;
+        // The previous step's intermediate buffers are free again.
+        g.reset_scratch();
         let rows = ids.len();
         let batch = DeviceBatch {
             rows,
-            positions: g.upload(&positions)?,
-            seqs: g.upload(&seqs)?,
-            slots: g.upload(&slots)?,
-            tables: g.upload(&tables)?,
+            positions: g.put(&positions)?,
+            seqs: g.put(&seqs)?,
+            slots: g.put(&slots)?,
+            tables: g.put(&tables)?,
             table_stride,
         };
-        let ids = g.upload(&ids)?;
-        let mut x = g.scratch::<f32>(rows * h)?;
+        let ids = g.put(&ids)?;
+        let x = g.scratch::<f32>(rows * h)?;
         g.launch(
             &g.k.gather_rows,
             rows as u32,
@@ -531,15 +527,15 @@ impl CudaModel {
                 GpuAttention::Gqa(a) => self.gqa(a, layer, &batch, &y)?,
                 GpuAttention::Mla(m) => self.mla(m, layer, &batch, &y)?,
             };
-            self.add(&mut x, &a, rows * h)?;
+            self.add(x, a, rows * h)?;
             let y = self.norm(&x, rows, &layer.ffn_norm)?;
             let f = match &layer.ffn {
                 GpuFfn::Dense(mlp) => mlp.forward(g, g.ptr(&y), rows)?,
                 GpuFfn::Moe(m) => self.moe(l, m, &y, rows)?,
             };
-            self.add(&mut x, &f, rows * h)?;
+            self.add(x, f, rows * h)?;
         }
-        let last_idx = g.upload(&last_rows)?;
+        let last_idx = g.put(&last_rows)?;
         let m = steps.len();
         let last = g.scratch::<f32>(m * h)?;
         g.launch(
@@ -556,19 +552,14 @@ impl CudaModel {
         )?;
         let last = self.norm(&last, m, &self.final_norm)?;
         let logits = self.lm_head.forward(g, g.ptr(&last), h, m)?;
-        let host = g.download(&logits, m * vocab)?;
+        let host = g.get(logits, m * vocab)?;
         for step in steps.iter_mut() {
             step.kv.advance(step.tokens.len());
         }
         Ok(host.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
-    fn norm(
-        &self,
-        x: &CudaSlice<f32>,
-        rows: usize,
-        w: &CudaSlice<f32>,
-    ) -> Result<CudaSlice<f32>, CudaError> {
+    fn norm(&self, x: &Dev, rows: usize, w: &CudaSlice<f32>) -> Result<Dev, CudaError> {
         let h = self.model.config.hidden;
         let y = self.gpu.scratch::<f32>(rows * h)?;
         self.rms(self.gpu.ptr(x), h, self.gpu.ptr(&y), h, w, h, rows)?;
@@ -604,12 +595,12 @@ impl CudaModel {
         )
     }
 
-    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+    fn add(&self, x: Dev, y: Dev, n: usize) -> Result<(), CudaError> {
         let g = &self.gpu;
         g.launch_1d(
             &g.k.add_inplace,
             n,
-            &[Arg::Ptr(g.ptr(x)), Arg::Ptr(g.ptr(y)), Arg::I64(n as i64)],
+            &[Arg::Ptr(g.ptr(&x)), Arg::Ptr(g.ptr(&y)), Arg::I64(n as i64)],
         )
     }
 
@@ -680,8 +671,8 @@ impl CudaModel {
         a: &GpuGqa,
         layer: &GpuLayer,
         b: &DeviceBatch,
-        y: &CudaSlice<f32>,
-    ) -> Result<CudaSlice<f32>, CudaError> {
+        y: &Dev,
+    ) -> Result<Dev, CudaError> {
         let g = &self.gpu;
         let (n, hd, nh, nkv) = (b.rows, a.head_dim, a.n_heads, a.n_kv_heads);
         let h = self.model.config.hidden;
@@ -784,8 +775,8 @@ impl CudaModel {
         m: &GpuMla,
         layer: &GpuLayer,
         b: &DeviceBatch,
-        y: &CudaSlice<f32>,
-    ) -> Result<CudaSlice<f32>, CudaError> {
+        y: &Dev,
+    ) -> Result<Dev, CudaError> {
         let g = &self.gpu;
         let (n, nh, r, nope, rope, vd) = (b.rows, m.n_heads, m.kv_lora, m.nope, m.rope, m.v_dim);
         let h = self.model.config.hidden;
@@ -844,21 +835,15 @@ impl CudaModel {
         m.o.forward(g, g.ptr(&out), nh * vd, n)
     }
 
-    fn moe(
-        &self,
-        l: usize,
-        m: &GpuMoe,
-        y: &CudaSlice<f32>,
-        n: usize,
-    ) -> Result<CudaSlice<f32>, CudaError> {
+    fn moe(&self, l: usize, m: &GpuMoe, y: &Dev, n: usize) -> Result<Dev, CudaError> {
         let g = &self.gpu;
         let Some(cfg) = self.model.routing_config() else {
             return Err(ModelError::Config("MoE layer without an MoE config".into()).into());
         };
         let h = self.model.config.hidden;
         let logits = m.router.forward(g, g.ptr(y), h, n)?;
-        let logits = g.download(&logits, n * cfg.n_experts)?;
-        let hidden = g.download(y, n * h)?;
+        let logits = g.get(logits, n * cfg.n_experts)?;
+        let hidden = g.get(*y, n * h)?;
         // The shared experts are queued on the GPU first and run while the CPU tier
         // computes the routed experts.
         let shared = match &m.shared {
@@ -883,9 +868,9 @@ impl CudaModel {
         };
         let routing = route(cfg, &logits, m.router_bias.as_deref());
         let routed = self.model.experts().forward(l, &hidden, &routing)?;
-        let mut out = g.upload(&routed)?;
+        let out = g.put(&routed)?;
         if let Some(s) = shared {
-            self.add(&mut out, &s, n * h)?;
+            self.add(out, s, n * h)?;
         }
         Ok(out)
     }
@@ -910,7 +895,8 @@ pub fn matmul(
         .into());
     }
     let lin = GpuLinear::from_f32(gpu, w, out, inp, None, dtype)?;
-    let xd = gpu.upload(x)?;
+    gpu.reset_scratch();
+    let xd = gpu.put(x)?;
     let y = lin.forward(gpu, gpu.ptr(&xd), inp, n)?;
-    gpu.download(&y, n * out)
+    gpu.get(y, n * out)
 }
