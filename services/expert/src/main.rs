@@ -1,5 +1,7 @@
-//! `kt-expert`: serves the routed experts of one model (those `--experts` selects) over gRPC
-//! (`kt.v1.Expert`). Wiring only; the server lives in the `kt-expert` library.
+//! `kt-expert`: serves the routed experts of one model over gRPC (`kt.v1.Expert`) and, to
+//! workers on the same host, over shared-memory rings. Which experts: the placement plan's
+//! share for `--name` (`--plan`), or `--experts`. Wiring only; the server lives in the
+//! `kt-expert` library.
 
 use std::path::PathBuf;
 
@@ -16,6 +18,10 @@ mod env {
     pub const NUMA: &str = "KT_EXPERT_NUMA";
     pub const EXPERTS: &str = "KT_EXPERT_EXPERTS";
     pub const THREADS: &str = "KT_EXPERT_THREADS";
+    pub const PLAN: &str = "KT_EXPERT_PLAN";
+    pub const METRICS: &str = "KT_EXPERT_METRICS";
+    pub const SHM_DIR: &str = "KT_EXPERT_SHM_DIR";
+    pub const NO_SHM: &str = "KT_EXPERT_NO_SHM";
 }
 
 #[derive(Parser, Debug)]
@@ -31,20 +37,36 @@ struct Args {
     /// printed on stdout as `listening on ADDR`).
     #[arg(long, env = env::LISTEN, default_value = "127.0.0.1:50061")]
     listen: String,
-    /// This server's name, as placement plans refer to it.
+    /// This server's name, as placement plans refer to it (required with --plan).
     #[arg(long, env = env::NAME, default_value = "")]
     name: String,
+    /// Placement plan (rules/*.yaml): hold what its expert tier gives the server --name,
+    /// including the intermediate slice. Overrides --experts' default; giving both is an
+    /// error.
+    #[arg(long, env = env::PLAN)]
+    plan: Option<PathBuf>,
     /// Pin compute threads to this NUMA node's CPUs (ignored, with a warning, where the node
     /// is not described in /sys/devices/system/node).
     #[arg(long, env = env::NUMA)]
     numa: Option<usize>,
-    /// Experts to hold: all | none | mod:M:R | range:A-B | list:A,B,..., optionally per
-    /// layer range as `0-3@all;4-@mod:2:0`.
-    #[arg(long, env = env::EXPERTS, default_value = "all")]
-    experts: String,
+    /// Experts to hold (manual placement, without --plan): all | none | mod:M:R |
+    /// range:A-B | list:A,B,..., optionally per layer range as `0-3@all;4-@mod:2:0`.
+    /// Default: all.
+    #[arg(long, env = env::EXPERTS)]
+    experts: Option<String>,
     /// Compute threads (default: the NUMA node's CPUs, or all CPUs).
     #[arg(long, env = env::THREADS)]
     threads: Option<usize>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 0.0.0.0:9161; port 0
+    /// picks one (printed on stdout as `metrics on ADDR`).
+    #[arg(long, env = env::METRICS)]
+    metrics: Option<String>,
+    /// Directory for shared-memory rings offered to workers on this host.
+    #[arg(long, env = env::SHM_DIR, default_value = kt_expert::DEFAULT_SHM_DIR)]
+    shm_dir: PathBuf,
+    /// Offer no shared memory (every worker uses gRPC).
+    #[arg(long, env = env::NO_SHM)]
+    no_shm: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,15 +78,29 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let selection: Selection = args.experts.parse()?;
     let opts = ServerOptions {
         name: args.name.clone(),
         numa: args.numa,
         threads: args.threads,
+        shm_dir: (!args.no_shm).then(|| args.shm_dir.clone()),
         ..ServerOptions::default()
     };
-    let service = kt_expert::load(&args.model, args.gguf.as_deref(), &selection, opts)
-        .with_context(|| format!("loading experts of {}", args.model.display()))?;
+    let service = match (&args.plan, &args.experts) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("--plan and --experts both say which experts to hold; give one")
+        }
+        (Some(plan), None) => {
+            if args.name.is_empty() {
+                anyhow::bail!("--plan needs --name: which of the plan's expert servers this is");
+            }
+            kt_expert::load_plan(&args.model, args.gguf.as_deref(), plan, opts)
+        }
+        (None, spec) => {
+            let selection: Selection = spec.as_deref().unwrap_or("all").parse()?;
+            kt_expert::load(&args.model, args.gguf.as_deref(), &selection, opts)
+        }
+    }
+    .with_context(|| format!("loading experts of {}", args.model.display()))?;
     let info = service.info();
     tracing::info!(
         name = %info.name,
@@ -73,14 +109,30 @@ fn main() -> anyhow::Result<()> {
         bytes = info.bytes_held,
         weight_type = %info.weight_type,
         isa = %info.kernel_isa,
+        slice = ?info.slice.map(|s| (s.start, s.end)),
+        plan = ?info.plan.as_ref().map(|p| p.file.as_str()),
         "experts loaded"
     );
+    let metrics = service.metrics();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
+        if let Some(m) = &args.metrics {
+            let ml = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("binding the metrics address {m}"))?;
+            println!("metrics on {}", ml.local_addr()?);
+            tokio::spawn(async move {
+                if let Err(err) =
+                    kt_expert::metrics::serve_metrics(ml, metrics, std::future::pending()).await
+                {
+                    tracing::error!(%err, "metrics endpoint stopped");
+                }
+            });
+        }
         println!("listening on {addr}");
         tracing::info!(%addr, "serving kt.v1.Expert");
         let shutdown = async {

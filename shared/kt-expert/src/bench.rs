@@ -8,11 +8,12 @@
 //! Transports measured:
 //! * [`Transport::InProcess`]: a call through `Arc<dyn Experts>` (the floor: one virtual call
 //!   and the answer's allocation).
+//! * [`Transport::Shm`]: [`RemoteExperts::forward`] through a shared-memory ring to an
+//!   [`ExpertService`] in the same process (the ring, its polling thread, the compute pool
+//!   hand-off and back; the bytes are copied and converted as between two processes).
 //! * [`Transport::Grpc`]: [`RemoteExperts::forward`] over one long-lived `Forward` stream to an
 //!   [`ExpertService`] on 127.0.0.1 (encode, HTTP/2 over loopback TCP, decode, the server's
 //!   compute pool hand-off, and back).
-//!
-//! Shared memory does not exist yet; [`NOT_IMPLEMENTED`] names it so callers can say so.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +23,9 @@ use kt_proto::v1::{LayerExperts, ModelIdentity};
 use kt_proto::{Limits, WireDType};
 
 use crate::{
-    ExpertError, ExpertService, RemoteExperts, RemoteOptions, ServerHandle, ServerOptions,
+    ExpertError, ExpertService, LinkKind, RemoteExperts, RemoteOptions, ServerHandle,
+    ServerOptions, ShmMode,
 };
-
-/// Transports the issue asks for that do not exist yet.
-pub const NOT_IMPLEMENTED: &[&str] = &["shared-memory"];
 
 /// Bytes moved per case (both ways) that sizes the default number of iterations.
 const BYTES_PER_CASE: usize = 2 << 30;
@@ -38,18 +37,25 @@ const MAX_ITERS: usize = 2000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     InProcess,
+    Shm,
     Grpc,
 }
 
 impl Transport {
     /// Every transport that exists.
-    pub const ALL: [Transport; 2] = [Transport::InProcess, Transport::Grpc];
+    pub const ALL: [Transport; 3] = [Transport::InProcess, Transport::Shm, Transport::Grpc];
 
     pub fn name(self) -> &'static str {
         match self {
             Transport::InProcess => "in-process",
+            Transport::Shm => "shm",
             Transport::Grpc => "grpc",
         }
+    }
+
+    /// By [`Transport::name`].
+    pub fn parse(name: &str) -> Option<Transport> {
+        Transport::ALL.into_iter().find(|t| t.name() == name)
     }
 }
 
@@ -69,6 +75,10 @@ pub struct BenchConfig {
     pub top_k: usize,
     /// Routed experts per layer (bounds the ids).
     pub n_experts: usize,
+    /// Where the shared-memory transport makes its ring.
+    pub shm_dir: std::path::PathBuf,
+    /// How long either side of the ring spins before backing off.
+    pub shm_spin: std::time::Duration,
 }
 
 impl Default for BenchConfig {
@@ -80,6 +90,8 @@ impl Default for BenchConfig {
             dtype: WireDType::Bf16,
             top_k: 8,
             n_experts: 256,
+            shm_dir: crate::DEFAULT_SHM_DIR.into(),
+            shm_spin: std::time::Duration::from_micros(200),
         }
     }
 }
@@ -227,10 +239,12 @@ fn time_hops(
 }
 
 /// A client and its bench server on 127.0.0.1 serving [`NullExperts`] at `hidden` (in that
-/// order, so the client goes first on drop and its stream ends quietly).
-fn grpc_pair(
+/// order, so the client goes first on drop and its stream ends quietly), over gRPC only or
+/// with a shared-memory ring (required: no silent fallback).
+fn pair(
     cfg: &BenchConfig,
     hidden: usize,
+    shm: bool,
 ) -> Result<(RemoteExperts, ServerHandle), ExpertError> {
     let model = bench_identity(cfg, hidden);
     let max_tokens = cfg.tokens.iter().copied().max().unwrap_or(1);
@@ -246,6 +260,8 @@ fn grpc_pair(
         name: "bench".into(),
         threads: Some(1),
         limits,
+        shm_dir: shm.then(|| cfg.shm_dir.clone()),
+        shm_spin: cfg.shm_spin,
         ..ServerOptions::default()
     };
     let service =
@@ -257,9 +273,21 @@ fn grpc_pair(
         RemoteOptions {
             dtype: cfg.dtype,
             max_message_bytes: limits.max_message_bytes,
+            shm: if shm { ShmMode::Required } else { ShmMode::Off },
+            shm_dir: cfg.shm_dir.clone(),
+            shm_slots: 1,
+            shm_max_tokens: max_tokens,
+            shm_spin: cfg.shm_spin,
             ..RemoteOptions::default()
         },
     )?;
+    let want = if shm { LinkKind::Shm } else { LinkKind::Grpc };
+    if client.transport() != Some(want) {
+        return Err(ExpertError::Bench(format!(
+            "the {want:?} link did not come up: {:?}",
+            client.shm_note()
+        )));
+    }
     Ok((client, server))
 }
 
@@ -283,7 +311,12 @@ pub fn run(
         }
         let local: Arc<dyn Experts> = Arc::new(NullExperts { hidden });
         let grpc = if transports.contains(&Transport::Grpc) {
-            Some(grpc_pair(cfg, hidden)?)
+            Some(pair(cfg, hidden, false)?)
+        } else {
+            None
+        };
+        let shm = if transports.contains(&Transport::Shm) {
+            Some(pair(cfg, hidden, true)?)
         } else {
             None
         };
@@ -294,10 +327,11 @@ pub fn run(
             let (values, routing) = inputs(cfg, n, hidden);
             let iters = cfg.iters_for(n, hidden);
             for &t in transports {
-                let (experts, dtype): (&dyn Experts, _) = match (t, &grpc) {
-                    (Transport::InProcess, _) => (local.as_ref(), None),
-                    (Transport::Grpc, Some((client, _))) => (client, Some(cfg.dtype)),
-                    (Transport::Grpc, None) => continue,
+                let (experts, dtype): (&dyn Experts, _) = match (t, &grpc, &shm) {
+                    (Transport::InProcess, _, _) => (local.as_ref(), None),
+                    (Transport::Grpc, Some((client, _)), _) => (client, Some(cfg.dtype)),
+                    (Transport::Shm, _, Some((client, _))) => (client, Some(cfg.dtype)),
+                    (Transport::Grpc | Transport::Shm, _, _) => continue,
                 };
                 let stats = time_hops(experts, &values, &routing, iters)?;
                 let (bytes_out, bytes_back) = match dtype {
@@ -364,8 +398,8 @@ mod tests {
             };
             let mut seen = 0;
             let ms = run(&cfg, &Transport::ALL, |_| seen += 1).unwrap();
-            assert_eq!(ms.len(), 2);
-            assert_eq!(seen, 2);
+            assert_eq!(ms.len(), 3);
+            assert_eq!(seen, 3);
             for (m, t) in ms.iter().zip(Transport::ALL) {
                 assert_eq!((m.transport, m.tokens, m.hidden), (t, 1, 64));
                 let s = m.stats;
@@ -377,9 +411,11 @@ mod tests {
                 );
                 assert!(s.min_us <= s.mean_us && s.mean_us <= s.max_us, "{m:?}");
             }
-            assert_eq!(ms[1].dtype, Some(dtype));
-            assert_eq!(ms[1].bytes_back, 64 * dtype_size(dtype));
-            assert_eq!(ms[1].bytes_out, 64 * dtype_size(dtype) + 8 * 8);
+            for m in &ms[1..] {
+                assert_eq!(m.dtype, Some(dtype));
+                assert_eq!(m.bytes_back, 64 * dtype_size(dtype));
+                assert_eq!(m.bytes_out, 64 * dtype_size(dtype) + 8 * 8);
+            }
         }
     }
 

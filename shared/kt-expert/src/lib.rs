@@ -4,24 +4,34 @@
 //!   computing on a dedicated thread pool (pinned to a NUMA node's CPUs when asked, see
 //!   [`numa`]), never on the async executor. [`serve`] runs it on a listener; [`ServerHandle`]
 //!   runs it on its own runtime (tests, `kt serve`).
+//!   It also offers shared-memory rings (`OpenShm`, kt-proto's [`kt_proto::shm`]) to clients
+//!   on the same host, served by a polling thread per ring.
 //! * [`RemoteExperts`] implements [`kt_models::Experts`] over ONE long-lived `Forward` stream
-//!   per server; each call blocks on its answer with a timeout.
-//! * [`Selection`] parses `--experts` specs (which experts a server holds).
+//!   per server, plus a shared-memory ring when both sides prove they share `/dev/shm`; each
+//!   call blocks on its answer with a timeout; a dead link reconnects with backoff.
+//! * [`Selection`] parses `--experts` specs (which experts a server holds); [`load_plan`]
+//!   takes them from a placement plan instead ([`placement`]), slices included.
+//! * [`metrics`]: the server's Prometheus counters and their HTTP endpoint.
 //!
 //! Both sides prove they serve the same model at connect: the worker calls `Info` and compares
-//! the [`config_hash`]es, and sends its hash on `Forward`, where the server refuses a
-//! different one.
+//! the [`config_hash`]es (and, from a plan, the placement: [`Holding`]), and sends its hash on
+//! `Forward`, where the server refuses a different one.
 
 pub mod bench;
+pub mod metrics;
 pub mod numa;
+pub mod placement;
 mod remote;
 mod select;
 mod server;
 
 pub use kt_proto::WireDType;
-pub use remote::{RemoteExperts, RemoteOptions};
+pub use placement::{connect_plan, SlicedExperts};
+pub use remote::{Holding, LinkKind, RemoteExperts, RemoteOptions, ShmMode};
 pub use select::Selection;
-pub use server::{load, serve, ExpertService, ServerHandle, ServerOptions};
+pub use server::{
+    load, load_plan, serve, ExpertService, ServerHandle, ServerOptions, DEFAULT_SHM_DIR,
+};
 
 use kt_models::ModelConfig;
 use kt_proto::v1::ModelIdentity;
@@ -41,6 +51,10 @@ pub enum ExpertError {
     ModelMismatch { addr: String, ours: String, ours_hash: u64, theirs: String, theirs_hash: u64 },
     #[error("expert server {addr}: {reason}")]
     Protocol { addr: String, reason: String },
+    #[error("expert server {addr} does not hold what this worker expects: {reason}")]
+    PlacementMismatch { addr: String, reason: String },
+    #[error("plan {file}: {reason}")]
+    Plan { file: String, reason: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("transport: {0}")]

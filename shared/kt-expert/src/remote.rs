@@ -1,27 +1,136 @@
 //! [`RemoteExperts`]: the worker's side of the expert stream.
 //!
-//! One long-lived `Forward` stream per server. Each [`Experts::forward`] call gets a request
-//! id, registers a reply slot, sends its request on the stream and blocks (the seam is
-//! synchronous) until the dispatcher task hands it the answer, the stream dies, or the
-//! timeout passes. A dead stream fails every waiting and later call at once with the reason.
+//! One long-lived `Forward` stream per server (a *link*). At connect the client checks the
+//! server with `Info` (same model config hash; and the same placement as expected: name,
+//! plan, experts, slice) and, when the server is on the same host — same boot id and
+//! `/dev/shm`, proved with a nonce through the ring itself — attaches a shared-memory ring to
+//! the stream ([`ShmMode`]). Calls then go through the ring (spin-then-back-off polling) when
+//! they fit a slot, and over the stream otherwise.
+//!
+//! Each [`Experts::forward`] call blocks (the seam is synchronous) until its answer arrives,
+//! the link dies, or [`RemoteOptions::timeout`] passes. A dead link fails every waiting call
+//! at once with the reason, and a background task reconnects with exponential backoff
+//! (re-checking model and placement); calls made while it is down fail at once, and the same
+//! `RemoteExperts` serves again as soon as the server is back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kt_models::{Experts, ModelError, Routing};
+use kt_proto::shm::{self, Backoff, HostId, Layout, Ring, ShmError};
 use kt_proto::v1::expert_client::ExpertClient;
 use kt_proto::v1::{
-    expert_response, ExpertInfo, ExpertInfoRequest, ExpertRequest, ExpertResponse, ModelIdentity,
+    expert_response, ExpertInfo, ExpertInfoRequest, ExpertRequest, ExpertResponse, ExpertSlice,
+    LayerExperts, ModelIdentity, PlanIdentity, ShmOpenRequest,
 };
-use kt_proto::{decode_tensor_f32, encode_request, hash_hex, WireDType, CONFIG_HASH_HEADER};
+use kt_proto::{
+    decode_tensor_f32, encode_request, hash_hex, WireDType, CONFIG_HASH_HEADER, SHM_RING_HEADER,
+    SHM_STATUS_HEADER,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
 use crate::ExpertError;
+
+/// Whether calls may go through shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShmMode {
+    /// Use a ring when both sides prove they share memory; gRPC otherwise.
+    #[default]
+    Auto,
+    /// gRPC only.
+    Off,
+    /// A ring or nothing: connecting fails when it cannot be proved and attached.
+    Required,
+}
+
+/// Which transport a link uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Calls that fit a slot go through a shared-memory ring (the rest over gRPC).
+    Shm,
+    /// Every call over the gRPC stream.
+    Grpc,
+}
+
+/// What a server must hold, checked at connect and at every reconnect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holding {
+    /// `Info.name`.
+    pub name: String,
+    /// `Info.plan`; `None` = started without a plan.
+    pub plan: Option<PlanIdentity>,
+    /// `Info.held`.
+    pub held: Vec<LayerExperts>,
+    /// `Info.slice`.
+    pub slice: Option<ExpertSlice>,
+}
+
+impl Holding {
+    /// What `info` says the server holds.
+    pub fn of(info: &ExpertInfo) -> Self {
+        Self {
+            name: info.name.clone(),
+            plan: info.plan.clone(),
+            held: info.held.clone(),
+            slice: info.slice,
+        }
+    }
+
+    /// The first way `info` differs from `self`, in words.
+    pub fn mismatch(&self, info: &ExpertInfo) -> Option<String> {
+        if info.name != self.name {
+            return Some(format!("it is named `{}`, `{}` was expected", info.name, self.name));
+        }
+        if info.plan != self.plan {
+            let show = |p: &Option<PlanIdentity>| match p {
+                Some(p) => format!("plan `{}` (hash {})", p.file, hash_hex(p.hash)),
+                None => "no plan".to_string(),
+            };
+            return Some(format!(
+                "it was started from {}, this worker expects {}",
+                show(&info.plan),
+                show(&self.plan)
+            ));
+        }
+        if info.slice != self.slice {
+            let show = |s: &Option<ExpertSlice>| match s {
+                Some(s) => format!("rows {}..{} of {}", s.start, s.end, s.expert_ff),
+                None => "whole experts".to_string(),
+            };
+            return Some(format!(
+                "it holds {}, this worker expects {}",
+                show(&info.slice),
+                show(&self.slice)
+            ));
+        }
+        if info.held != self.held {
+            let count = |h: &[LayerExperts]| h.iter().map(|l| l.experts.len()).sum::<usize>();
+            let first = info
+                .held
+                .iter()
+                .zip(&self.held)
+                .find(|(a, b)| a != b)
+                .map(|(a, _)| a.layer)
+                .or_else(|| self.held.get(info.held.len()).map(|l| l.layer))
+                .or_else(|| info.held.get(self.held.len()).map(|l| l.layer));
+            return Some(format!(
+                "it holds {} experts in {} layers, this worker expects {} in {} (first difference at layer {})",
+                count(&info.held),
+                info.held.len(),
+                count(&self.held),
+                self.held.len(),
+                first.map_or_else(|| "?".into(), |l| l.to_string())
+            ));
+        }
+        None
+    }
+}
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -34,6 +143,22 @@ pub struct RemoteOptions {
     pub dtype: WireDType,
     /// Largest message sent or accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Shared memory: automatic, off (force gRPC), or required.
+    pub shm: ShmMode,
+    /// The shared-memory directory (normally `/dev/shm`).
+    pub shm_dir: PathBuf,
+    /// Ring slots: calls in flight at once through the ring (more go over gRPC).
+    pub shm_slots: usize,
+    /// Tokens a ring slot holds (bigger calls go over gRPC).
+    pub shm_max_tokens: usize,
+    /// How long a waiting call spins before it yields and then sleeps.
+    pub shm_spin: Duration,
+    /// First wait before reconnecting a dead link; doubled after each failure…
+    pub reconnect_initial: Duration,
+    /// …up to this.
+    pub reconnect_max: Duration,
+    /// What the server must hold; `None` = whatever it held at the first connect.
+    pub expect: Option<Holding>,
 }
 
 impl Default for RemoteOptions {
@@ -43,41 +168,124 @@ impl Default for RemoteOptions {
             connect_timeout: Duration::from_secs(10),
             dtype: WireDType::F32,
             max_message_bytes: kt_proto::Limits::default().max_message_bytes,
+            shm: ShmMode::Auto,
+            shm_dir: PathBuf::from(crate::server::DEFAULT_SHM_DIR),
+            shm_slots: 4,
+            shm_max_tokens: 256,
+            shm_spin: Duration::from_micros(200),
+            reconnect_initial: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            expect: None,
         }
     }
 }
 
 type Reply = std_mpsc::SyncSender<Result<Vec<f32>, String>>;
 
-#[derive(Default)]
-struct State {
-    /// Waiting calls: request id → (tokens, reply slot).
-    pending: HashMap<u64, (usize, Reply)>,
-    /// Why the stream ended, once it has.
-    dead: Option<String>,
+/// A ring attached to a link.
+struct ShmLink {
+    ring: Ring,
+    /// Slots no call is using.
+    free: Mutex<Vec<usize>>,
+    /// Slots whose caller gave up (timeout) before the answer came; reclaimed once answered.
+    abandoned: Mutex<Vec<usize>>,
+    next_seq: AtomicU64,
+    /// Set when the ring broke (corrupt contents, closed by the server): calls use gRPC.
+    broken: AtomicBool,
 }
 
-/// Routed experts on an expert server, over one gRPC stream.
-pub struct RemoteExperts {
+impl ShmLink {
+    fn acquire(&self) -> Option<usize> {
+        if self.broken.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.is_empty() {
+            let mut ab = self.abandoned.lock().unwrap_or_else(PoisonError::into_inner);
+            ab.retain(|&s| {
+                let answered = self.ring.reclaim(s).unwrap_or(false);
+                if answered {
+                    free.push(s);
+                }
+                !answered
+            });
+        }
+        free.pop()
+    }
+
+    fn release(&self, slot: usize) {
+        self.free.lock().unwrap_or_else(PoisonError::into_inner).push(slot);
+    }
+
+    fn abandon(&self, slot: usize) {
+        self.abandoned.lock().unwrap_or_else(PoisonError::into_inner).push(slot);
+    }
+
+    fn break_with(&self, why: &str) {
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%why, "shared-memory ring unusable; calls go over gRPC");
+        }
+    }
+}
+
+/// One connection: the stream's sender, maybe a ring, and whether it died.
+struct Link {
+    tx: mpsc::UnboundedSender<ExpertRequest>,
+    shm: Option<ShmLink>,
+    dead: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Waiting gRPC calls: request id → (tokens, reply slot).
+    pending: HashMap<u64, (usize, Reply)>,
+    /// The live link, if any.
+    link: Option<Arc<Link>>,
+    /// Why there is no live link.
+    down: Option<String>,
+    /// Why the last link does not use shared memory (when it does not).
+    shm_note: Option<String>,
+}
+
+/// Everything the background tasks share with the calls.
+struct Core {
     addr: String,
+    ours: ModelIdentity,
+    opts: RemoteOptions,
+    expect: Mutex<Option<Holding>>,
+    state: Mutex<State>,
+}
+
+impl Core {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn gone(&self, reason: &str) -> ModelError {
+        ModelError::Experts(format!("expert server {} is unavailable: {reason}", self.addr))
+    }
+}
+
+/// Routed experts on an expert server, over one gRPC stream and, on the same host, a
+/// shared-memory ring.
+pub struct RemoteExperts {
+    core: Arc<Core>,
     info: ExpertInfo,
     hidden: usize,
-    opts: RemoteOptions,
-    tx: mpsc::UnboundedSender<ExpertRequest>,
-    state: Arc<Mutex<State>>,
     next_id: AtomicU64,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl std::fmt::Debug for RemoteExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteExperts").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("RemoteExperts").field("addr", &self.core.addr).finish_non_exhaustive()
     }
 }
 
 impl RemoteExperts {
     /// Connects to the server at `addr` (`host:port` or a URI), checks with `Info` that it
-    /// serves the model `ours`, and opens the stream.
+    /// serves the model `ours` (and holds `opts.expect`, when set), attaches a shared-memory
+    /// ring when allowed and proved, and opens the stream.
     pub fn connect(
         addr: &str,
         ours: &ModelIdentity,
@@ -88,77 +296,48 @@ impl RemoteExperts {
             .thread_name("kt-remote-experts")
             .enable_all()
             .build()?;
-        let conn = |reason: String| ExpertError::Connect { addr: addr.to_string(), reason };
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-        let state = Arc::new(Mutex::new(State::default()));
-        let (info, tx) = runtime.block_on(async {
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| conn(e.to_string()))?
-                .connect_timeout(opts.connect_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(opts.timeout)
-                .keep_alive_while_idle(true);
-            let channel = tokio::time::timeout(opts.connect_timeout, endpoint.connect())
-                .await
-                .map_err(|_| conn(format!("no connection within {:?}", opts.connect_timeout)))?
-                .map_err(|e| conn(format!("{e} ({})", source_chain(&e))))?;
-            let mut client = ExpertClient::new(channel)
-                .max_decoding_message_size(opts.max_message_bytes)
-                .max_encoding_message_size(opts.max_message_bytes);
-            let info = tokio::time::timeout(
-                opts.connect_timeout,
-                client.info(ExpertInfoRequest { expected_config_hash: 0 }),
-            )
-            .await
-            .map_err(|_| conn(format!("no Info answer within {:?}", opts.connect_timeout)))?
-            .map_err(|s| conn(format!("Info: {}", s.message())))?
-            .into_inner();
-            let theirs = info.model.clone().ok_or_else(|| ExpertError::Protocol {
-                addr: addr.to_string(),
-                reason: "Info carries no model identity".into(),
-            })?;
-            if theirs.config_hash != ours.config_hash {
-                return Err(ExpertError::ModelMismatch {
-                    addr: addr.to_string(),
-                    ours: ours.name.clone(),
-                    ours_hash: ours.config_hash,
-                    theirs: theirs.name,
-                    theirs_hash: theirs.config_hash,
-                });
-            }
-            let (tx, rx) = mpsc::unbounded_channel();
-            let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
-            let hash = hash_hex(ours.config_hash)
-                .parse()
-                .map_err(|_| conn("config hash is not valid metadata".into()))?;
-            request.metadata_mut().insert(CONFIG_HASH_HEADER, hash);
-            let inbound = tokio::time::timeout(opts.connect_timeout, client.forward(request))
-                .await
-                .map_err(|_| {
-                    conn(format!("the stream did not open within {:?}", opts.connect_timeout))
-                })?
-                .map_err(|s| conn(format!("Forward refused: {}", s.message())))?
-                .into_inner();
-            tokio::spawn(dispatch(inbound, state.clone(), ours.hidden as usize));
-            Ok::<_, ExpertError>((info, tx))
-        })?;
-        tracing::info!(addr, name = %info.name, "connected to expert server");
-        Ok(Self {
+        let core = Arc::new(Core {
             addr: addr.to_string(),
+            ours: ours.clone(),
+            expect: Mutex::new(opts.expect.clone()),
+            opts,
+            state: Mutex::new(State::default()),
+        });
+        let info = runtime.block_on(establish(core.clone()))?;
+        tracing::info!(
+            addr,
+            name = %info.name,
+            transport = ?core.lock().link.as_ref().map(|l| kind_of(l)),
+            "connected to expert server"
+        );
+        Ok(Self {
+            core,
             info,
             hidden: ours.hidden as usize,
-            opts,
-            tx,
-            state,
             next_id: AtomicU64::new(0),
             runtime: Some(runtime),
         })
     }
 
-    /// What the server said about itself at connect.
+    /// What the server said about itself at the first connect.
     pub fn info(&self) -> &ExpertInfo {
         &self.info
+    }
+
+    /// The transport of the live link (`None` while disconnected).
+    pub fn transport(&self) -> Option<LinkKind> {
+        let st = self.core.lock();
+        st.link.as_ref().map(|l| kind_of(l))
+    }
+
+    /// Why the live link does not use shared memory, when it does not.
+    pub fn shm_note(&self) -> Option<String> {
+        self.core.lock().shm_note.clone()
+    }
+
+    /// Whether a link is up (false while reconnecting).
+    pub fn connected(&self) -> bool {
+        self.core.lock().link.is_some()
     }
 
     /// `owns[layer][expert]` for a model of `n_layers` × `n_experts`, from `Info`.
@@ -176,8 +355,100 @@ impl RemoteExperts {
         owns
     }
 
-    fn gone(&self, reason: &str) -> ModelError {
-        ModelError::Experts(format!("expert server {} is gone: {reason}", self.addr))
+    fn forward_shm(
+        &self,
+        link: &Link,
+        shm: &ShmLink,
+        slot: usize,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+    ) -> Option<Result<Vec<f32>, ModelError>> {
+        let core = &self.core;
+        let (h, dtype) = (self.hidden, core.opts.dtype);
+        let n = hidden.len() / h;
+        let seq = shm.next_seq.fetch_add(1, Ordering::Relaxed);
+        let ring = &shm.ring;
+        let posted = ring.post_request(
+            slot,
+            seq,
+            layer,
+            hidden,
+            h,
+            &routing.ids,
+            &routing.weights,
+            routing.k,
+            dtype,
+        );
+        match posted {
+            Ok(()) => {}
+            Err(ShmError::TooLarge(_)) => {
+                shm.release(slot);
+                return None; // over gRPC instead
+            }
+            Err(e) => {
+                shm.break_with(&e.to_string());
+                return Some(Err(ModelError::Experts(format!("expert server {}: {e}", core.addr))));
+            }
+        }
+        let broken = |e: String| {
+            shm.break_with(&e);
+            Some(Err(ModelError::Experts(format!("expert server {}: {e}", core.addr))))
+        };
+        let mut backoff = Backoff::new(core.opts.shm_spin);
+        loop {
+            match ring.slot_state(slot) {
+                Ok(shm::RESPONSE) => break,
+                Ok(shm::REQUEST | shm::TAKEN) => {}
+                Ok(other) => {
+                    return broken(format!(
+                        "shared-memory ring is corrupt: slot {slot} went to state {other} while waiting"
+                    ))
+                }
+                Err(e) => return broken(e.to_string()),
+            }
+            if link.dead.load(Ordering::Acquire) {
+                shm.abandon(slot);
+                let why = core.lock().down.clone().unwrap_or_else(|| "the stream ended".into());
+                return Some(Err(core.gone(&why)));
+            }
+            if ring.ring_state() == shm::RING_CLOSED {
+                return broken("the server closed the shared-memory ring".into());
+            }
+            if backoff.elapsed() > core.opts.timeout {
+                shm.abandon(slot);
+                return Some(Err(ModelError::Experts(format!(
+                    "expert server {} did not answer layer {layer} within {:?} (shared memory)",
+                    core.addr, core.opts.timeout
+                ))));
+            }
+            backoff.snooze();
+        }
+        match ring.take_response(slot, seq, n, h, dtype) {
+            Ok(Ok(out)) => {
+                shm.release(slot);
+                Some(Ok(out))
+            }
+            Ok(Err((code, msg))) => {
+                shm.release(slot);
+                let code = i32::try_from(code)
+                    .ok()
+                    .and_then(|c| kt_proto::v1::expert_error::Code::try_from(c).ok())
+                    .map_or("unknown error", |c| c.as_str_name());
+                Some(Err(ModelError::Experts(format!(
+                    "expert server {}: {code}: {msg}",
+                    core.addr
+                ))))
+            }
+            Err(e) => broken(e.to_string()),
+        }
+    }
+}
+
+fn kind_of(link: &Link) -> LinkKind {
+    match &link.shm {
+        Some(s) if !s.broken.load(Ordering::Relaxed) => LinkKind::Shm,
+        _ => LinkKind::Grpc,
     }
 }
 
@@ -193,36 +464,57 @@ impl Experts for RemoteExperts {
             return Err(ModelError::Input(format!("{} values are not rows of {h}", hidden.len())));
         }
         let n = hidden.len() / h;
+        let core = &self.core;
+        let link = {
+            let st = core.lock();
+            match &st.link {
+                Some(l) => l.clone(),
+                None => {
+                    let why = st.down.clone().unwrap_or_else(|| "not connected".into());
+                    return Err(core.gone(&why));
+                }
+            }
+        };
+        if let Some(shm) = &link.shm {
+            if n <= core.opts.shm_max_tokens {
+                if let Some(slot) = shm.acquire() {
+                    if let Some(res) = self.forward_shm(&link, shm, slot, layer, hidden, routing) {
+                        return res;
+                    }
+                }
+            }
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = std_mpsc::sync_channel(1);
         {
-            let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(reason) = &st.dead {
-                return Err(self.gone(reason));
+            let mut st = core.lock();
+            if link.dead.load(Ordering::Acquire) {
+                let why = st.down.clone().unwrap_or_else(|| "the stream ended".into());
+                return Err(core.gone(&why));
             }
             st.pending.insert(id, (n, reply));
         }
-        let req = encode_request(id, layer, hidden, h, routing, self.opts.dtype);
+        let req = encode_request(id, layer, hidden, h, routing, core.opts.dtype);
         let forget = || {
-            self.state.lock().unwrap_or_else(PoisonError::into_inner).pending.remove(&id);
+            core.lock().pending.remove(&id);
         };
-        if self.tx.send(req).is_err() {
+        if link.tx.send(req).is_err() {
             forget();
-            return Err(self.gone("the stream is closed"));
+            return Err(core.gone("the stream is closed"));
         }
-        match answer.recv_timeout(self.opts.timeout) {
+        match answer.recv_timeout(core.opts.timeout) {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(reason)) => {
-                Err(ModelError::Experts(format!("expert server {}: {reason}", self.addr)))
+                Err(ModelError::Experts(format!("expert server {}: {reason}", core.addr)))
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 forget();
                 Err(ModelError::Experts(format!(
                     "expert server {} did not answer layer {layer} within {:?}",
-                    self.addr, self.opts.timeout
+                    core.addr, core.opts.timeout
                 )))
             }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(self.gone("the stream ended")),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(core.gone("the stream ended")),
         }
     }
 }
@@ -235,16 +527,205 @@ impl Drop for RemoteExperts {
     }
 }
 
-/// Hands each answer to its waiting call; when the stream ends, fails all of them.
-async fn dispatch(mut inbound: Streaming<ExpertResponse>, state: Arc<Mutex<State>>, hidden: usize) {
+/// Connects (or reconnects) `core`: channel, `Info` and its checks, a ring when allowed and
+/// proved, the stream and its dispatcher. Installs the new link; returns the `Info`.
+/// (Boxed: it spawns the dispatcher, which spawns the reconnect loop, which calls it.)
+fn establish(
+    core: Arc<Core>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ExpertInfo, ExpertError>> + Send>> {
+    Box::pin(establish_link(core))
+}
+
+async fn establish_link(core: Arc<Core>) -> Result<ExpertInfo, ExpertError> {
+    let addr = core.addr.clone();
+    let opts = &core.opts;
+    let conn = |reason: String| ExpertError::Connect { addr: addr.clone(), reason };
+    let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| conn(e.to_string()))?
+        .connect_timeout(opts.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(opts.timeout)
+        .keep_alive_while_idle(true)
+        // Large windows: a prefill chunk of hidden states is megabytes, and HTTP/2's default
+        // 64 KiB window would make it wait for window updates round trip after round trip.
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20));
+    let channel = tokio::time::timeout(opts.connect_timeout, endpoint.connect())
+        .await
+        .map_err(|_| conn(format!("no connection within {:?}", opts.connect_timeout)))?
+        .map_err(|e| conn(format!("{e} ({})", source_chain(&e))))?;
+    let mut client = ExpertClient::new(channel)
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+    let info = tokio::time::timeout(
+        opts.connect_timeout,
+        client.info(ExpertInfoRequest { expected_config_hash: 0 }),
+    )
+    .await
+    .map_err(|_| conn(format!("no Info answer within {:?}", opts.connect_timeout)))?
+    .map_err(|s| conn(format!("Info: {}", s.message())))?
+    .into_inner();
+    let theirs = info.model.clone().ok_or_else(|| ExpertError::Protocol {
+        addr: addr.clone(),
+        reason: "Info carries no model identity".into(),
+    })?;
+    let ours = &core.ours;
+    if theirs.config_hash != ours.config_hash {
+        return Err(ExpertError::ModelMismatch {
+            addr: addr.clone(),
+            ours: ours.name.clone(),
+            ours_hash: ours.config_hash,
+            theirs: theirs.name,
+            theirs_hash: theirs.config_hash,
+        });
+    }
+    {
+        let mut expect = core.expect.lock().unwrap_or_else(PoisonError::into_inner);
+        match expect.as_ref() {
+            Some(want) => {
+                if let Some(reason) = want.mismatch(&info) {
+                    return Err(ExpertError::PlacementMismatch { addr: addr.clone(), reason });
+                }
+            }
+            None => *expect = Some(Holding::of(&info)),
+        }
+    }
+    let (ring, shm_note) = match opts.shm {
+        ShmMode::Off => (None, Some("shared memory is off (--expert-transport grpc)".to_string())),
+        ShmMode::Auto | ShmMode::Required => match open_ring(&mut client, &core, &info).await {
+            Ok(ring) => (Some(ring), None),
+            Err(why) if opts.shm == ShmMode::Required => {
+                return Err(conn(format!("shared memory is required: {why}")))
+            }
+            Err(why) => {
+                tracing::info!(%addr, %why, "not using shared memory; gRPC only");
+                (None, Some(why))
+            }
+        },
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
+    let hash = hash_hex(ours.config_hash)
+        .parse()
+        .map_err(|_| conn("config hash is not valid metadata".into()))?;
+    request.metadata_mut().insert(CONFIG_HASH_HEADER, hash);
+    if let Some((name, _)) = &ring {
+        let v = name.parse().map_err(|_| conn("ring name is not valid metadata".into()))?;
+        request.metadata_mut().insert(SHM_RING_HEADER, v);
+    }
+    let response = tokio::time::timeout(opts.connect_timeout, client.forward(request))
+        .await
+        .map_err(|_| conn(format!("the stream did not open within {:?}", opts.connect_timeout)))?
+        .map_err(|s| conn(format!("Forward refused: {}", s.message())))?;
+    let (shm, shm_note) = match ring {
+        None => (None, shm_note),
+        Some((_, ring)) => {
+            let status = response
+                .metadata()
+                .get(SHM_STATUS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("(no answer)")
+                .to_string();
+            if status == "attached" && ring.ring_state() == shm::RING_SERVING {
+                let slots = ring.layout().slots;
+                (
+                    Some(ShmLink {
+                        ring,
+                        free: Mutex::new((0..slots).rev().collect()),
+                        abandoned: Mutex::new(Vec::new()),
+                        next_seq: AtomicU64::new(1),
+                        broken: AtomicBool::new(false),
+                    }),
+                    None,
+                )
+            } else if opts.shm == ShmMode::Required {
+                return Err(conn(format!("shared memory is required, the server said: {status}")));
+            } else {
+                (None, Some(format!("the server did not attach the ring: {status}")))
+            }
+        }
+    };
+    let inbound = response.into_inner();
+    let link = Arc::new(Link { tx, shm, dead: AtomicBool::new(false) });
+    {
+        let mut st = core.lock();
+        st.link = Some(link.clone());
+        st.down = None;
+        st.shm_note = shm_note;
+    }
+    tokio::spawn(dispatch(inbound, core.clone(), link));
+    Ok(info)
+}
+
+/// Asks the server for a ring after checking the host proof, maps it and acknowledges the
+/// nonce. Errors are reasons to stay on gRPC.
+async fn open_ring(
+    client: &mut ExpertClient<Channel>,
+    core: &Core,
+    info: &ExpertInfo,
+) -> Result<(String, Ring), String> {
+    let opts = &core.opts;
+    let theirs = info
+        .shm
+        .as_ref()
+        .and_then(HostId::from_proto)
+        .ok_or_else(|| "the server offers no shared memory".to_string())?;
+    let here = HostId::of(&opts.shm_dir).map_err(|e| e.to_string())?;
+    if let Some(why) = here.differs(&theirs) {
+        return Err(why);
+    }
+    let max_tokens = opts.shm_max_tokens.min(info.max_tokens.max(1) as usize).max(1);
+    let k = (core.ours.top_k as usize).max(1);
+    let layout = Layout::for_calls(
+        opts.shm_slots.clamp(1, shm::MAX_SLOTS),
+        max_tokens,
+        core.ours.hidden as usize,
+        k,
+        opts.dtype,
+    )
+    .filter(|l| l.slot_bytes as u64 <= info.max_message_bytes)
+    .ok_or_else(|| format!("{max_tokens} tokens per slot exceed the server's message limit"))?;
+    let offer = tokio::time::timeout(
+        opts.connect_timeout,
+        client.open_shm(ShmOpenRequest {
+            config_hash: core.ours.config_hash,
+            host: Some(here.to_proto()),
+            slots: layout.slots as u32,
+            slot_bytes: layout.slot_bytes as u64,
+        }),
+    )
+    .await
+    .map_err(|_| "OpenShm timed out".to_string())?
+    .map_err(|s| format!("OpenShm: {}", s.message()))?
+    .into_inner();
+    if offer.slots as usize != layout.slots
+        || offer.slot_bytes != layout.slot_bytes as u64
+        || layout.size().map(|s| s as u64) != Some(offer.size)
+    {
+        return Err(format!(
+            "the server offered {} slots of {} bytes ({} in all), {} of {} were asked",
+            offer.slots, offer.slot_bytes, offer.size, layout.slots, layout.slot_bytes
+        ));
+    }
+    let dir = opts.shm_dir.clone();
+    let name = offer.name.clone();
+    let ring = tokio::task::spawn_blocking(move || Ring::open(&dir, &name, layout, offer.nonce))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((offer.name, ring))
+}
+
+/// Hands each answer to its waiting call; when the stream ends, fails all of them, marks the
+/// link dead and starts reconnecting.
+async fn dispatch(mut inbound: Streaming<ExpertResponse>, core: Arc<Core>, link: Arc<Link>) {
+    let hidden = core.ours.hidden as usize;
     let reason = loop {
         match inbound.message().await {
             Ok(Some(resp)) => {
-                let slot = state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .pending
-                    .remove(&resp.request_id);
+                let slot = core.lock().pending.remove(&resp.request_id);
                 let Some((n, reply)) = slot else {
                     tracing::debug!(
                         id = resp.request_id,
@@ -258,11 +739,37 @@ async fn dispatch(mut inbound: Streaming<ExpertResponse>, state: Arc<Mutex<State
             Err(status) => break format!("{} ({:?})", status.message(), status.code()),
         }
     };
-    tracing::warn!(%reason, "expert stream ended");
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
-    st.dead = Some(reason.clone());
-    for (_, (_, reply)) in st.pending.drain() {
-        let _ = reply.send(Err(reason.clone()));
+    tracing::warn!(addr = %core.addr, %reason, "expert stream ended; reconnecting");
+    {
+        let mut st = core.lock();
+        link.dead.store(true, Ordering::Release);
+        st.link = None;
+        st.down = Some(reason.clone());
+        for (_, (_, reply)) in st.pending.drain() {
+            let _ = reply.send(Err(reason.clone()));
+        }
+    }
+    drop(link);
+    tokio::spawn(reconnect(core, reason));
+}
+
+/// Reconnects with exponential backoff until it works (or the client is dropped, which stops
+/// the runtime this runs on).
+async fn reconnect(core: Arc<Core>, reason: String) {
+    let mut delay = core.opts.reconnect_initial.max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(delay).await;
+        match establish(core.clone()).await {
+            Ok(_) => {
+                tracing::info!(addr = %core.addr, "expert server reconnected");
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(addr = %core.addr, %err, ?delay, "reconnect failed");
+                core.lock().down = Some(format!("{reason}; reconnecting: {err}"));
+                delay = (delay * 2).min(core.opts.reconnect_max.max(delay));
+            }
+        }
     }
 }
 

@@ -1,19 +1,26 @@
 //! The `kt.v1.Expert` service over held experts.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use kt_models::{load_experts, Experts, LocalExperts, MatmulMode, ModelConfig, ModelError};
+use kt_proto::shm::{self, Backoff, HostId, Layout, Ring};
 use kt_proto::v1::expert_error::Code;
 use kt_proto::v1::expert_server::{Expert, ExpertServer};
 use kt_proto::v1::health_response::Status as Serving;
 use kt_proto::v1::{
     expert_response, ExpertError as WireExpertError, ExpertInfo, ExpertInfoRequest, ExpertRequest,
-    ExpertResponse, HealthRequest, HealthResponse, LayerExperts, ModelIdentity,
+    ExpertResponse, HealthRequest, HealthResponse, LayerExperts, ModelIdentity, ShmOffer,
+    ShmOpenRequest,
 };
 use kt_proto::{
-    decode_request, encode_tensor_f32, hash_hex, ExpertCall, Limits, SeamShape, CONFIG_HASH_HEADER,
+    decode_request, encode_tensor_f32, finish_call, hash_hex, ExpertCall, Limits, SeamShape,
+    CONFIG_HASH_HEADER, SHM_RING_HEADER, SHM_STATUS_HEADER,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -21,7 +28,16 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::{ErrorKind, Metrics, Via};
+use crate::placement::{slice_mlp, Assignment};
 use crate::{identity, numa, ExpertError, Selection};
+
+/// Default shared-memory directory.
+pub const DEFAULT_SHM_DIR: &str = shm::HOST_SHM_DIR;
+/// A ring offered by `OpenShm` and not attached to a stream within this time is removed.
+const PENDING_RING_TTL: Duration = Duration::from_secs(30);
+/// Most rings offered and not yet attached at once.
+const MAX_PENDING_RINGS: usize = 64;
 
 /// How a server computes and what it accepts.
 #[derive(Debug, Clone)]
@@ -35,6 +51,11 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// How products with the weights are computed (`F32` exact, `Ggml` as llama.cpp).
     pub mode: MatmulMode,
+    /// Where shared-memory rings are created (`/dev/shm`); `None` offers none (gRPC only).
+    pub shm_dir: Option<PathBuf>,
+    /// How long a ring's poller spins after its last request before it starts to back off
+    /// (yield, then sleep in 50 µs steps).
+    pub shm_spin: Duration,
 }
 
 impl Default for ServerOptions {
@@ -45,6 +66,8 @@ impl Default for ServerOptions {
             threads: None,
             limits: Limits::default(),
             mode: MatmulMode::F32,
+            shm_dir: Some(PathBuf::from(DEFAULT_SHM_DIR)),
+            shm_spin: Duration::from_micros(200),
         }
     }
 }
@@ -58,6 +81,18 @@ struct Inner {
     pool: rayon::ThreadPool,
     /// Requests computing or queued for the pool, over all streams.
     in_flight: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    /// This host for shared memory, when rings are offered.
+    host: Option<HostId>,
+    shm_dir: Option<PathBuf>,
+    shm_spin: Duration,
+    /// Why rings are not offered (for `OpenShm`'s answer), when they are not.
+    shm_off: Option<String>,
+    /// Rings offered by `OpenShm`, waiting for their `Forward` stream.
+    pending: Mutex<HashMap<String, (Ring, Instant)>>,
+    rings_made: AtomicU64,
+    /// CPUs the compute threads (and ring pollers) are pinned to.
+    cpus: Option<Vec<usize>>,
 }
 
 /// The Expert service; cheap to clone.
@@ -89,12 +124,95 @@ pub fn load(
     ExpertService::new(&name, &parts.config, experts, opts)
 }
 
+/// Opens the model at `path` and loads what the placement plan `plan_path` gives the server
+/// named `opts.name`: its experts, and with the `intermediate` split only its slice of each.
+/// Refuses a plan that is not for this model, has no server of that name, or gives it nothing.
+pub fn load_plan(
+    path: &Path,
+    gguf: Option<&Path>,
+    plan_path: &Path,
+    opts: ServerOptions,
+) -> Result<ExpertService, ExpertError> {
+    let plan = kt_plan::Plan::load(plan_path).map_err(|e| ExpertError::Plan {
+        file: plan_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let shape = kt_plan::ModelShape::open(path, None).map_err(|e| ExpertError::Plan {
+        file: plan_path.display().to_string(),
+        reason: format!("reading the model's shape: {e}"),
+    })?;
+    let a = crate::placement::assignment(&plan, &shape, &opts.name)?;
+    let parts = kt_models::open(path, gguf, opts.mode)?;
+    if parts.config.hidden != shape.config.hidden
+        || parts.config.n_layers != shape.config.n_layers
+        || parts.config.moe.as_ref().map(|m| (m.n_experts, m.expert_ff))
+            != shape.config.moe.as_ref().map(|m| (m.n_experts, m.expert_ff))
+    {
+        return Err(ExpertError::Plan {
+            file: plan.file.clone(),
+            reason: "the weights' shapes differ from the config the plan was resolved against"
+                .into(),
+        });
+    }
+    let experts =
+        load_experts(&parts.config, parts.source.tensors(), parts.scheme, opts.mode, &|l, e| {
+            a.held.contains(&(l, e))
+        })?;
+    let experts = match &a.slice {
+        Some(rows) => slice_experts(&experts, &parts.config, rows.clone(), opts.mode)?,
+        None => experts,
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    tracing::info!(
+        plan = %plan.file,
+        server = %opts.name,
+        experts = a.held.len(),
+        slice = ?a.slice,
+        "placement from the plan"
+    );
+    ExpertService::with_placement(&name, &parts.config, experts, Some(&a), opts)
+}
+
+/// `experts` with each held expert cut to `rows` of its intermediate dimension.
+fn slice_experts(
+    experts: &LocalExperts,
+    config: &ModelConfig,
+    rows: Range<usize>,
+    mode: MatmulMode,
+) -> Result<LocalExperts, ExpertError> {
+    let n_experts = config.moe.as_ref().map_or(0, |m| m.n_experts);
+    let mut layers: Vec<Vec<Option<kt_models::moe::Mlp>>> = (0..config.n_layers)
+        .map(|l| if config.is_moe_layer(l) { vec![None; n_experts] } else { Vec::new() })
+        .collect();
+    for (l, e) in experts.held() {
+        let (Some(mlp), Some(slot)) =
+            (experts.expert(l, e), layers.get_mut(l).and_then(|r| r.get_mut(e)))
+        else {
+            continue;
+        };
+        *slot = Some(slice_mlp(mlp, rows.clone(), mode)?);
+    }
+    Ok(LocalExperts::new(config.hidden, layers))
+}
+
 impl ExpertService {
     /// Serves `experts` of the model `config` (named `model_name` in `Info`).
     pub fn new(
         model_name: &str,
         config: &ModelConfig,
         experts: LocalExperts,
+        opts: ServerOptions,
+    ) -> Result<Self, ExpertError> {
+        Self::with_placement(model_name, config, experts, None, opts)
+    }
+
+    /// Serves `experts` placed by a plan: `Info` reports the plan and, with the
+    /// `intermediate` split, the slice held.
+    pub fn with_placement(
+        model_name: &str,
+        config: &ModelConfig,
+        experts: LocalExperts,
+        placement: Option<&Assignment>,
         opts: ServerOptions,
     ) -> Result<Self, ExpertError> {
         let model = identity(model_name, config);
@@ -121,6 +239,8 @@ impl ExpertService {
                 .map(|k| k.isa.to_string())
                 .unwrap_or_default(),
             bytes_held: bytes,
+            slice: placement.and_then(Assignment::slice_info),
+            plan: placement.map(|a| a.plan.clone()),
             ..ExpertInfo::default()
         };
         Self::build(Arc::new(experts), &model, info, opts)
@@ -184,6 +304,19 @@ impl ExpertService {
         info.numa_node = numa_node;
         info.max_message_bytes = opts.limits.max_message_bytes as u64;
         info.max_tokens = opts.limits.max_tokens as u32;
+        let (host, shm_off) = match &opts.shm_dir {
+            None => (None, Some("started without shared memory".to_string())),
+            Some(dir) => match HostId::of(dir) {
+                Ok(h) => (Some(h), None),
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), %err, "shared memory is not offered");
+                    (None, Some(err.to_string()))
+                }
+            },
+        };
+        info.shm = host.as_ref().map(HostId::to_proto);
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_bytes_held(info.bytes_held);
         let shape = SeamShape {
             hidden: model.hidden as usize,
             n_layers: model.n_layers as usize,
@@ -198,6 +331,14 @@ impl ExpertService {
                 limits: opts.limits,
                 pool,
                 in_flight: Arc::new(Semaphore::new(threads * 4)),
+                metrics,
+                host,
+                shm_dir: opts.shm_dir.clone(),
+                shm_spin: opts.shm_spin,
+                shm_off,
+                pending: Mutex::new(HashMap::new()),
+                rings_made: AtomicU64::new(0),
+                cpus,
             }),
         })
     }
@@ -206,28 +347,170 @@ impl ExpertService {
     pub fn info(&self) -> &ExpertInfo {
         &self.inner.info
     }
+
+    /// The server's counters (for `--metrics`).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
 }
 
 impl Inner {
-    fn compute(&self, call: ExpertCall) -> ExpertResponse {
-        let result = match self.experts.forward(call.layer, &call.hidden, &call.routing) {
+    /// Computes a validated call, counting it.
+    fn run(
+        &self,
+        call: &ExpertCall,
+        via: Via,
+        arrived: Instant,
+    ) -> Result<Vec<f32>, (Code, String)> {
+        let res = self.experts.forward(call.layer, &call.hidden, &call.routing).map_err(|err| {
+            let code = match err {
+                ModelError::Input(_) => Code::NotHeld,
+                _ => Code::Internal,
+            };
+            self.metrics.error(match code {
+                Code::NotHeld => ErrorKind::NotHeld,
+                _ => ErrorKind::Internal,
+            });
+            (code, err.to_string())
+        });
+        self.metrics.call(via, call.n, arrived.elapsed());
+        res
+    }
+
+    fn compute(&self, call: ExpertCall, arrived: Instant) -> ExpertResponse {
+        let result = match self.run(&call, Via::Grpc, arrived) {
             Ok(out) => expert_response::Result::Output(encode_tensor_f32(
                 &out,
                 &[call.n, self.shape.hidden],
                 call.dtype,
             )),
-            Err(err) => {
-                let code = match err {
-                    ModelError::Input(_) => Code::NotHeld,
-                    _ => Code::Internal,
-                };
-                expert_response::Result::Error(WireExpertError {
-                    code: code as i32,
-                    message: err.to_string(),
-                })
+            Err((code, message)) => {
+                expert_response::Result::Error(WireExpertError { code: code as i32, message })
             }
         };
         ExpertResponse { request_id: call.request_id, result: Some(result) }
+    }
+
+    /// Removes offered rings nobody attached in time.
+    fn expire_pending(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.retain(|name, (_, at)| {
+            let keep = at.elapsed() < PENDING_RING_TTL;
+            if !keep {
+                tracing::debug!(%name, "removing a shared-memory ring that was never attached");
+            }
+            keep
+        });
+    }
+
+    /// Takes the offered ring `name` for a `Forward` stream and starts serving it; the
+    /// returned guard stops the poller when dropped (the stream ended).
+    fn attach(self: &Arc<Self>, name: &str) -> Result<RingGuard, String> {
+        let ring = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
+            .map(|(r, _)| r)
+            .ok_or_else(|| format!("no ring `{name}` was offered (or it expired)"))?;
+        let mut ring = ring;
+        if !ring.acknowledged() {
+            return Err("the client did not acknowledge the ring's nonce: it did not map the object this server created".into());
+        }
+        ring.unlink();
+        ring.set_ring_state(shm::RING_SERVING);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (inner, stop2) = (self.clone(), stop.clone());
+        let ring = Arc::new(ring);
+        let r2 = ring.clone();
+        std::thread::Builder::new()
+            .name("kt-expert-shm".into())
+            .spawn(move || inner.poll_ring(&r2, &stop2))
+            .map_err(|e| format!("cannot start the ring's poller: {e}"))?;
+        self.metrics.shm_rings(1);
+        Ok(RingGuard { stop, ring, metrics: self.metrics.clone() })
+    }
+
+    /// Serves `ring` until `stop`: spins on the slots' state words, computes each request on
+    /// the pool, writes the answer back.
+    fn poll_ring(&self, ring: &Ring, stop: &AtomicBool) {
+        if let Some(cpus) = &self.cpus {
+            if let Err(err) = numa::pin_current_thread(cpus) {
+                tracing::warn!(%err, "cannot pin the ring poller; running unpinned");
+            }
+        }
+        let slots = ring.layout().slots;
+        let mut backoff = Backoff::new(self.shm_spin);
+        tracing::debug!(slots, "serving a shared-memory ring");
+        'outer: while !stop.load(Ordering::Acquire) {
+            let mut busy = false;
+            for slot in 0..slots {
+                match ring.slot_state(slot) {
+                    Ok(shm::REQUEST) => {
+                        busy = true;
+                        if let Err(err) = self.serve_slot(ring, slot) {
+                            tracing::warn!(slot, %err, "closing a broken shared-memory ring");
+                            self.metrics.error(ErrorKind::ShmRing);
+                            break 'outer;
+                        }
+                    }
+                    Ok(shm::FREE | shm::TAKEN | shm::RESPONSE) => {}
+                    Ok(other) => {
+                        tracing::warn!(
+                            slot,
+                            state = other,
+                            "closing a shared-memory ring with a slot in an unknown state"
+                        );
+                        self.metrics.error(ErrorKind::ShmRing);
+                        break 'outer;
+                    }
+                    Err(err) => {
+                        tracing::warn!(slot, %err, "closing a broken shared-memory ring");
+                        break 'outer;
+                    }
+                }
+            }
+            if busy {
+                backoff.reset();
+            } else {
+                backoff.snooze();
+            }
+        }
+        ring.set_ring_state(shm::RING_CLOSED);
+        tracing::debug!("shared-memory ring closed");
+    }
+
+    fn serve_slot(&self, ring: &Ring, slot: usize) -> Result<(), shm::ShmError> {
+        let arrived = Instant::now();
+        let (seq, parts) = ring.take_request(slot, &self.shape, &self.limits)?;
+        let call = parts.and_then(|p| finish_call(p, &self.shape));
+        let call = match call {
+            Ok(call) => call,
+            Err(err) => {
+                self.metrics.error(ErrorKind::InvalidArgument);
+                let msg = err.to_string();
+                return ring.post_response(slot, seq, Err((Code::InvalidArgument as u32, &msg)));
+            }
+        };
+        match self.pool.install(|| self.run(&call, Via::Shm, arrived)) {
+            Ok(out) => ring.post_response(slot, seq, Ok((&out, call.dtype))),
+            Err((code, msg)) => ring.post_response(slot, seq, Err((code as u32, &msg))),
+        }
+    }
+}
+
+/// Keeps a ring served while its `Forward` stream lives.
+struct RingGuard {
+    stop: Arc<AtomicBool>,
+    ring: Arc<Ring>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for RingGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.ring.set_ring_state(shm::RING_CLOSED);
+        self.metrics.shm_rings(-1);
     }
 }
 
@@ -251,10 +534,26 @@ impl Expert for ExpertService {
             }
         }
         let peer = request.remote_addr();
+        let ring_name = request
+            .metadata()
+            .get(SHM_RING_HEADER)
+            .map(|v| v.to_str().unwrap_or("(not text)").to_string());
+        let (guard, shm_status) = match ring_name {
+            None => (None, None),
+            Some(name) => match self.inner.attach(&name) {
+                Ok(g) => (Some(g), Some("attached".to_string())),
+                Err(reason) => {
+                    tracing::info!(?peer, %reason, "shared-memory ring refused; gRPC only");
+                    (None, Some(format!("refused: {reason}")))
+                }
+            },
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let inner = self.inner.clone();
+        inner.metrics.streams(1);
         tokio::spawn(async move {
+            let _guard = guard;
             tracing::debug!(?peer, "forward stream opened");
             loop {
                 let msg = match inbound.message().await {
@@ -262,14 +561,17 @@ impl Expert for ExpertService {
                     Ok(None) => break,
                     Err(status) => {
                         tracing::warn!(?peer, %status, "forward stream failed");
+                        inner.metrics.error(ErrorKind::Stream);
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
+                let arrived = Instant::now();
                 let call = match decode_request(&msg, &inner.shape, &inner.limits) {
                     Ok(call) => call,
                     Err(err) => {
                         tracing::debug!(?peer, %err, "malformed expert request");
+                        inner.metrics.error(ErrorKind::InvalidArgument);
                         let resp = ExpertResponse {
                             request_id: msg.request_id,
                             result: Some(expert_response::Result::Error(WireExpertError {
@@ -286,14 +588,22 @@ impl Expert for ExpertService {
                 let Ok(permit) = inner.in_flight.clone().acquire_owned().await else { break };
                 let (inner2, tx2) = (inner.clone(), tx.clone());
                 inner.pool.spawn(move || {
-                    let resp = inner2.compute(call);
+                    let resp = inner2.compute(call, arrived);
                     drop(permit);
                     let _ = tx2.blocking_send(Ok(resp));
                 });
             }
+            inner.metrics.streams(-1);
             tracing::debug!(?peer, "forward stream closed");
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let mut response = Response::new(ReceiverStream::new(rx));
+        if let Some(status) = shm_status {
+            let value = status.replace(|c: char| !c.is_ascii() || c.is_ascii_control(), "?");
+            if let Ok(v) = value.parse() {
+                response.metadata_mut().insert(SHM_STATUS_HEADER, v);
+            }
+        }
+        Ok(response)
     }
 
     async fn info(
@@ -309,6 +619,68 @@ impl Expert for ExpertService {
             )));
         }
         Ok(Response::new(self.inner.info.clone()))
+    }
+
+    async fn open_shm(
+        &self,
+        request: Request<ShmOpenRequest>,
+    ) -> Result<Response<ShmOffer>, Status> {
+        let inner = &self.inner;
+        let (Some(host), Some(dir)) = (&inner.host, &inner.shm_dir) else {
+            let why = inner.shm_off.clone().unwrap_or_default();
+            return Err(Status::unavailable(format!("this server offers no shared memory: {why}")));
+        };
+        let req = request.into_inner();
+        if req.config_hash != inner.hash {
+            return Err(Status::failed_precondition(format!(
+                "model mismatch: the client's config hash is {}, this server's is {}",
+                hash_hex(req.config_hash),
+                hash_hex(inner.hash)
+            )));
+        }
+        let theirs = req
+            .host
+            .as_ref()
+            .and_then(HostId::from_proto)
+            .ok_or_else(|| Status::invalid_argument("`host`: missing or without a boot id"))?;
+        if let Some(why) = host.differs(&theirs) {
+            return Err(Status::failed_precondition(format!("cannot share memory: {why}")));
+        }
+        let layout = Layout {
+            slots: req.slots as usize,
+            slot_bytes: usize::try_from(req.slot_bytes).unwrap_or(usize::MAX),
+        };
+        layout
+            .check(inner.limits.max_message_bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        inner.expire_pending();
+        if inner.pending.lock().unwrap_or_else(PoisonError::into_inner).len() >= MAX_PENDING_RINGS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_PENDING_RINGS} rings are offered and not attached yet"
+            )));
+        }
+        let n = inner.rings_made.fetch_add(1, Ordering::Relaxed);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("kt-expert-{}-{n}-{stamp:08x}", std::process::id());
+        let ring = Ring::create(dir, &name, layout).map_err(|e| {
+            tracing::warn!(%e, "cannot create a shared-memory ring");
+            Status::unavailable(e.to_string())
+        })?;
+        let offer = ShmOffer {
+            name: name.clone(),
+            nonce: ring.nonce(),
+            size: layout.size().unwrap_or(0) as u64,
+            slots: layout.slots as u32,
+            slot_bytes: layout.slot_bytes as u64,
+        };
+        inner
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, (ring, Instant::now()));
+        Ok(Response::new(offer))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {

@@ -147,6 +147,10 @@ pub struct ServerUsage {
     pub layers: BTreeSet<usize>,
     /// `intermediate`: rows of each expert it holds.
     pub rows: Option<usize>,
+    /// `intermediate`: which rows, `[start, end)` of each expert's intermediate dimension.
+    pub slice: Option<(usize, usize)>,
+    /// The (layer, expert) pairs of which it owns all (or, `intermediate`, a slice).
+    pub held: BTreeSet<(usize, usize)>,
 }
 
 impl ServerUsage {
@@ -220,6 +224,7 @@ pub fn resolve<'a>(plan: &'a Plan, model: &'a ModelShape, limits: &Limits) -> Pl
                 for (i, s) in t.servers.iter().enumerate() {
                     let rows = bounds[i + 1] - bounds[i];
                     servers[i].rows = Some(rows);
+                    servers[i].slice = Some((bounds[i], bounds[i + 1]));
                     if rows == 0 && ff > 0 {
                         problems
                             .push(Problem::EmptySlice { server: s.name.clone(), expert_ff: ff });
@@ -354,8 +359,9 @@ pub fn resolve<'a>(plan: &'a Plan, model: &'a ModelShape, limits: &Limits) -> Pl
             }
         }
     }
-    for (s, h) in held.iter().enumerate() {
+    for (s, h) in held.into_iter().enumerate() {
         servers[s].experts = h.len();
+        servers[s].held = h;
     }
     if !unplaced.is_empty() {
         problems.push(Problem::Unplaced { names: unplaced });

@@ -43,21 +43,24 @@ pub enum WireDType {
 }
 
 impl WireDType {
-    fn size(self) -> usize {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
         match self {
             WireDType::F32 => 4,
             WireDType::Bf16 => 2,
         }
     }
 
-    fn to_proto(self) -> DataType {
+    /// The wire enum value.
+    pub fn to_proto(self) -> DataType {
         match self {
             WireDType::F32 => DataType::F32,
             WireDType::Bf16 => DataType::Bf16,
         }
     }
 
-    fn from_proto(raw: i32) -> Result<Self, WireError> {
+    /// From the wire enum value (F32 or BF16; anything else is an error naming it).
+    pub fn from_proto(raw: i32) -> Result<Self, WireError> {
         match DataType::try_from(raw) {
             Ok(DataType::F32) => Ok(WireDType::F32),
             Ok(DataType::Bf16) => Ok(WireDType::Bf16),
@@ -75,16 +78,43 @@ impl WireDType {
 
 /// A tensor of `values` (row-major, `shape`) in `dtype` with an inline payload.
 pub fn encode_tensor_f32(values: &[f32], shape: &[usize], dtype: WireDType) -> Tensor {
-    let bytes = match dtype {
-        WireDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        WireDType::Bf16 => {
-            values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()
-        }
-    };
+    let mut bytes = vec![0u8; values.len() * dtype.size()];
+    write_values(values, dtype, &mut bytes);
     Tensor {
         shape: shape.iter().map(|&d| d as u64).collect(),
         dtype: dtype.to_proto() as i32,
         payload: Some(Payload::Inline(bytes)),
+    }
+}
+
+/// Writes `values` into `out` (exactly `values.len() × dtype.size()` bytes) as little-endian
+/// `dtype` elements. Extra bytes of `out` are left alone; a short `out` takes what fits.
+pub fn write_values(values: &[f32], dtype: WireDType, out: &mut [u8]) {
+    match dtype {
+        WireDType::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(values) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        WireDType::Bf16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The f32 values of little-endian `dtype` elements (`bytes.len()` must be a multiple of the
+/// element size; a trailing partial element is ignored).
+pub fn read_values(bytes: &[u8], dtype: WireDType) -> Vec<f32> {
+    match dtype {
+        WireDType::F32 => {
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
+        WireDType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
     }
 }
 
@@ -133,16 +163,7 @@ pub fn decode_tensor_f32(
             ),
         ));
     }
-    let values = match dtype {
-        WireDType::F32 => {
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-        }
-        WireDType::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-    };
-    Ok((values, shape, dtype))
+    Ok((read_values(bytes, dtype), shape, dtype))
 }
 
 /// What a model looks like from the expert seam: the ranges a request is checked against.
@@ -193,13 +214,7 @@ pub fn decode_request(
     shape: &SeamShape,
     limits: &Limits,
 ) -> Result<ExpertCall, WireError> {
-    let layer = req.layer as usize;
-    if layer >= shape.n_layers {
-        return Err(invalid(
-            "layer",
-            format!("{layer} is out of range (the model has {} layers)", shape.n_layers),
-        ));
-    }
+    let layer = check_layer(req.layer, shape)?;
     let t = req.hidden.as_ref().ok_or_else(|| invalid("hidden", "missing"))?;
     let max_elems = limits.max_tokens.saturating_mul(shape.hidden);
     let (hidden, dims, dtype) = decode_tensor_f32(t, max_elems).map_err(|e| match e {
@@ -215,51 +230,98 @@ pub fn decode_request(
             ))
         }
     };
+    let k = check_k(req.k, n, shape)?;
+    finish_call(
+        CallParts {
+            request_id: req.request_id,
+            layer,
+            n,
+            k,
+            dtype,
+            hidden,
+            ids: req.expert_ids.clone(),
+            weights: req.expert_weights.clone(),
+        },
+        shape,
+    )
+}
+
+/// The layer index of a request, checked against the model.
+pub fn check_layer(layer: u32, shape: &SeamShape) -> Result<usize, WireError> {
+    let layer = layer as usize;
+    if layer >= shape.n_layers {
+        return Err(invalid(
+            "layer",
+            format!("{layer} is out of range (the model has {} layers)", shape.n_layers),
+        ));
+    }
+    Ok(layer)
+}
+
+/// `k` of a request of `n` tokens, checked (`n` ≥ 1 is checked here too).
+pub fn check_k(k: u32, n: usize, shape: &SeamShape) -> Result<usize, WireError> {
     if n == 0 {
         return Err(invalid("hidden.shape", "no tokens"));
     }
-    let k = req.k as usize;
+    let k = k as usize;
     if k == 0 || k > shape.n_experts {
         return Err(invalid("k", format!("{k} is out of range 1..={}", shape.n_experts)));
     }
+    Ok(k)
+}
+
+/// The parts of a call as a transport read them, before the checks that do not depend on the
+/// transport (lengths of ids and weights, id range, finite values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallParts {
+    pub request_id: u64,
+    /// Checked with [`check_layer`].
+    pub layer: usize,
+    /// Tokens, ≥ 1; `hidden` must hold `n × shape.hidden` values (checked again here).
+    pub n: usize,
+    /// Checked with [`check_k`].
+    pub k: usize,
+    pub dtype: WireDType,
+    pub hidden: Vec<f32>,
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// The transport-independent checks of a call; the answer is the validated [`ExpertCall`].
+pub fn finish_call(p: CallParts, shape: &SeamShape) -> Result<ExpertCall, WireError> {
+    let CallParts { request_id, layer, n, k, dtype, hidden, ids, weights } = p;
+    if hidden.len() != n.saturating_mul(shape.hidden) {
+        return Err(invalid(
+            "hidden",
+            format!("{} values for {n} tokens of hidden {}", hidden.len(), shape.hidden),
+        ));
+    }
     let slots = n * k;
-    if req.expert_ids.len() != slots {
+    if ids.len() != slots {
         return Err(invalid(
             "expert_ids",
-            format!("{} ids for {n} tokens of top-{k} ({slots} expected)", req.expert_ids.len()),
+            format!("{} ids for {n} tokens of top-{k} ({slots} expected)", ids.len()),
         ));
     }
-    if req.expert_weights.len() != slots {
+    if weights.len() != slots {
         return Err(invalid(
             "expert_weights",
-            format!(
-                "{} weights for {n} tokens of top-{k} ({slots} expected)",
-                req.expert_weights.len()
-            ),
+            format!("{} weights for {n} tokens of top-{k} ({slots} expected)", weights.len()),
         ));
     }
-    if let Some(&id) =
-        req.expert_ids.iter().find(|&&id| id != NO_EXPERT && id as usize >= shape.n_experts)
-    {
+    if let Some(&id) = ids.iter().find(|&&id| id != NO_EXPERT && id as usize >= shape.n_experts) {
         return Err(invalid(
             "expert_ids",
             format!("expert {id} is out of range (the model has {} experts)", shape.n_experts),
         ));
     }
-    if let Some(w) = req.expert_weights.iter().find(|w| !w.is_finite()) {
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
         return Err(invalid("expert_weights", format!("{w} is not finite")));
     }
     if let Some(v) = hidden.iter().find(|v| !v.is_finite()) {
         return Err(invalid("hidden", format!("{v} is not finite")));
     }
-    Ok(ExpertCall {
-        request_id: req.request_id,
-        layer,
-        hidden,
-        n,
-        dtype,
-        routing: Routing { k, ids: req.expert_ids.clone(), weights: req.expert_weights.clone() },
-    })
+    Ok(ExpertCall { request_id, layer, hidden, n, dtype, routing: Routing { k, ids, weights } })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! anything is allocated; a bad message gives a [`WireError`], never a panic.
 
 pub mod convert;
+pub mod shm;
 
 /// Generated code of package `kt.v1`.
 #[allow(
@@ -21,13 +22,21 @@ pub mod v1 {
 }
 
 pub use convert::{
-    decode_request, decode_tensor_f32, encode_request, encode_tensor_f32, ExpertCall, Limits,
-    SeamShape, WireDType, WireError,
+    check_k, check_layer, decode_request, decode_tensor_f32, encode_request, encode_tensor_f32,
+    finish_call, read_values, write_values, CallParts, ExpertCall, Limits, SeamShape, WireDType,
+    WireError,
 };
 
 /// Request metadata key carrying the client's model config hash on `Expert.Forward`
 /// (16 lower-case hex digits).
 pub const CONFIG_HASH_HEADER: &str = "kt-config-hash";
+
+/// `Forward` request metadata key naming the shared-memory ring (from `OpenShm`) the stream
+/// should serve as well.
+pub const SHM_RING_HEADER: &str = "kt-shm-ring";
+
+/// `Forward` response metadata key: `attached`, or `refused: <reason>`.
+pub const SHM_STATUS_HEADER: &str = "kt-shm";
 
 /// The text form of a config hash, as sent in [`CONFIG_HASH_HEADER`].
 pub fn hash_hex(hash: u64) -> String {
