@@ -1,11 +1,15 @@
 //! Throughput of the kernels of every format and every kernel family this CPU has:
-//! `cargo run --release -p kt-quant --example bench [-- --quick]`.
+//! `cargo run --release -p kt-quant --example bench [-- --quick | --tiles]`.
 //!
 //! Prints, per format and family (scalar, avx2, avx512), nanoseconds per 4096-element row for
 //! `dequantize`, `dot_f32` and `vec_dot` on random blocks (scale fields made finite), and the
 //! weight bandwidth of `dot_f32` (GB/s of weight bytes streamed), single-threaded, over a
 //! 4096 x 4096 matrix-vector product (every row once per pass, so the matrix, 9-64 MiB, comes
 //! from DRAM rather than cache). `--quick` uses 512 rows (cache-resident for small formats).
+//!
+//! With `--tiles` instead, for the formats with a multi-token `vec_dot_tile` kernel: single-thread GOPS
+//! (2 · multiply-adds per second) of a 16-row × T-token tile (cache-resident, the fused MoE
+//! kernel's inner step) for T = 1, 2, 4, 8, 16, 64, against `vec_dot` pair by pair.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -16,6 +20,17 @@ const N: usize = 4096;
 
 fn main() {
     let rows = if std::env::args().any(|a| a == "--quick") { 512 } else { N };
+    if std::env::args().any(|a| a == "--tiles") {
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        tiles(&isas, &mut || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        });
+        return;
+    }
     let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
     println!("{N} x {rows} matrix-vector product, one thread; families {isas:?}");
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -88,6 +103,76 @@ fn main() {
                 vd,
                 row as f64 / dot
             );
+        }
+    }
+}
+
+/// GOPS of `vec_dot_tile` on cache-resident tiles vs `vec_dot` per pair.
+fn tiles(isas: &[Isa], next: &mut dyn FnMut() -> u64) {
+    const ROWS: usize = 16;
+    println!("\n{N}-element rows, {ROWS}-row tiles, one thread: GOPS (2 x multiply-adds / s)");
+    println!(
+        "{:<8} {:<7} {:>6} {:>12} {:>12}",
+        "format", "isa", "tokens", "tile GOPS", "pairs GOPS"
+    );
+    for ty in SUPPORTED {
+        for &isa in isas {
+            let Some(k) = kernels_for_isa(isa, ty) else { continue };
+            if !k.has_vec_dot_tile() {
+                continue;
+            }
+            let Some(wrb) = ty.row_bytes(N) else { continue };
+            let Some(arb) = k.vec_dot_type.row_bytes(N) else { continue };
+            let mut w = vec![0u8; wrb * ROWS];
+            w.iter_mut().for_each(|b| *b = next() as u8);
+            for blk in w.chunks_exact_mut(ty.type_size()) {
+                blk[..2].copy_from_slice(&0x2c00u16.to_le_bytes());
+                if ty.type_size() > 40 {
+                    blk[2..4].copy_from_slice(&0x2c00u16.to_le_bytes());
+                }
+            }
+            for tokens in [1usize, 2, 4, 8, 16, 64] {
+                let x: Vec<f32> = (0..N * tokens)
+                    .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    .collect();
+                let mut a = vec![0u8; arb * tokens];
+                for (xr, o) in x.chunks_exact(N).zip(a.chunks_exact_mut(arb)) {
+                    (k.quantize)(xr, o);
+                }
+                let mut out = vec![0f32; ROWS * tokens];
+                let reps = (4096 / tokens).max(8);
+                let ops = 2.0 * (N * ROWS * tokens * reps) as f64;
+                let best = |f: &mut dyn FnMut()| {
+                    (0..5)
+                        .map(|_| {
+                            let t = Instant::now();
+                            for _ in 0..reps {
+                                f();
+                            }
+                            t.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::INFINITY, f64::min)
+                };
+                let tile = best(&mut || {
+                    k.vec_dot_tile(black_box(&w), wrb, &a, arb, &mut out, ROWS);
+                });
+                let pairs = best(&mut || {
+                    for (t, at) in a.chunks_exact(arb).enumerate() {
+                        for (r, wr) in w.chunks_exact(wrb).enumerate() {
+                            out[t * ROWS + r] = (k.vec_dot)(black_box(wr), at);
+                        }
+                    }
+                });
+                black_box(&out);
+                println!(
+                    "{:<8} {:<7} {:>6} {:>12.1} {:>12.1}",
+                    ty.name(),
+                    k.vec_dot_isa,
+                    tokens,
+                    ops / tile / 1e9,
+                    ops / pairs / 1e9
+                );
+            }
         }
     }
 }

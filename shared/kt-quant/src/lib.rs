@@ -35,7 +35,8 @@ pub mod kernels;
 pub use blocks::Block;
 pub use error::QuantError;
 pub use kernels::{
-    describe, isa_note, kernels, kernels_for_isa, scalar_kernels, selected_isa, Isa, Kernels,
+    describe, isa_note, kernels, kernels_for_isa, prefetch_distance, scalar_kernels, selected_isa,
+    Isa, Kernels,
 };
 
 /// Activation quantizer for `ty` (a `vec_dot_type`) as llama.cpp's CPU backend runs it on

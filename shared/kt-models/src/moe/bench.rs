@@ -81,7 +81,8 @@ pub struct ExpertsBench {
     pub top_k: usize,
     /// Formats of gate / up / down.
     pub formats: String,
-    /// Kernel families (`dot_f32/vec_dot`) of gate / up / down.
+    /// Kernel families (`dot_f32/vec_dot`, `+tile` where `vec_dot_tile` has a multi-token
+    /// kernel) of gate / up / down.
     pub isa: String,
     pub threads: usize,
     pub dram_gbps: f64,
@@ -191,7 +192,8 @@ pub fn run(
         .collect();
     let fam = |l: &crate::linear::Linear| {
         let k = l.kernels();
-        format!("{}/{}", k.isa, k.vec_dot_isa)
+        let tile = if k.has_vec_dot_tile() { "+tile" } else { "" };
+        format!("{}/{}{tile}", k.isa, k.vec_dot_isa)
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.threads)

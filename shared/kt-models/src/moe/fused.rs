@@ -14,6 +14,14 @@
 //!   the server installs one, is the pool they run on).
 //! * The down projection is the same over the hidden rows; the weighted sum is added per token
 //!   in expert id order.
+//! * Multi-token kernels: in `MatmulMode::Ggml` each expert's quantized token rows are
+//!   gathered into consecutive rows once, and every work item calls
+//!   [`kt_quant::Kernels::vec_dot_tile`] on its weight rows × all the expert's tokens: the
+//!   VNNI kernels unpack each weight block once for up to 8 tokens (register-blocked), and are
+//!   bit-identical to `vec_dot` pair by pair. Outputs are assembled per expert and the weighted
+//!   sum is added per token in parallel; with at most [`SERIAL_PAIRS`] (token, expert) pairs
+//!   (decode) those small steps stay on the calling thread, so a layer call has two rayon
+//!   hand-offs (gate/up, down).
 //! * Regimes: with fewer than [`FusedConfig::prefill_min_tokens`] tokens on an expert
 //!   (decode), each row meets all of the expert's tokens before the next row is read; with
 //!   more (prefill), tokens are taken in tiles of [`FusedConfig::token_tile`] so that a block
@@ -214,6 +222,10 @@ pub(super) fn forward(
         return None;
     }
 
+    if let Some(out) = forward_quant(cfg, h, &active, hidden, n) {
+        return Some(out);
+    }
+
     // Activations of the layer, once (per distinct way of taking them; usually one).
     let mut prepared: Vec<(&Linear, Acts<'_>)> =
         vec![(&first.mlp.gate, prepare(&first.mlp.gate, hidden, h))];
@@ -303,4 +315,212 @@ pub(super) fn forward(
         }
     }
     Some(out)
+}
+
+/// Below this many (token, expert) pairs in a layer call the small per-expert steps (gathering
+/// activations, quantizing the down projection's input, scattering outputs) run on the
+/// calling thread: a rayon hand-off costs more than they do.
+const SERIAL_PAIRS: usize = 64;
+
+/// Runs `f` over `items`, in parallel when `parallel`.
+fn map_items<T: Sync, R: Send>(
+    items: &[T],
+    parallel: bool,
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Vec<R> {
+    if parallel {
+        items.par_iter().map(f).collect()
+    } else {
+        items.iter().map(f).collect()
+    }
+}
+
+/// `out[t * rows.len() + (r - rows.start)]` for the weight rows `rows` of `lin` against the `nt`
+/// quantized activation rows `acts` (row size `arb`), through [`Kernels::vec_dot_tile`]:
+/// decode (`nt < prefill_min_tokens`), one tile of all rows and tokens (each row streamed
+/// from memory once, then met by the tokens in register blocks of up to 8 from cache);
+/// prefill, [`TILE_ROWS`]-row blocks × `token_tile`-token tiles, so that the weight block
+/// stays in L1 and the tile's activations in L2.
+fn tile_rows(
+    lin: &Linear,
+    rows: std::ops::Range<usize>,
+    acts: &[u8],
+    arb: usize,
+    nt: usize,
+    cfg: &FusedConfig,
+    out: &mut [f32],
+) {
+    let ldo = rows.len();
+    let k = lin.kernels();
+    let rb = lin.weight().row_bytes();
+    let d: &[u8] = &lin.weight().data;
+    let (block, tile) = if nt >= cfg.prefill_min_tokens {
+        (TILE_ROWS, cfg.token_tile.max(1))
+    } else {
+        (rows.len().max(1), nt.max(1))
+    };
+    let mut b0 = rows.start;
+    while b0 < rows.end {
+        let b1 = (b0 + block).min(rows.end);
+        let w = &d[b0 * rb..b1 * rb];
+        let mut t0 = 0;
+        while t0 < nt {
+            let t1 = (t0 + tile).min(nt);
+            let o = &mut out[t0 * ldo + (b0 - rows.start)..];
+            k.vec_dot_tile(w, rb, &acts[t0 * arb..t1 * arb], arb, o, ldo);
+            t0 = t1;
+        }
+        b0 = b1;
+    }
+}
+
+/// The fused forward in `MatmulMode::Ggml` (quantized activations) through the multi-token
+/// tile kernels, or `None` when an expert takes f32 activations (the caller then runs the
+/// per-pair schedule). Every product is `vec_dot` of the same bytes as in the reference path
+/// (`vec_dot_tile` is bit-identical to it), so the output is bit-identical to the reference.
+fn forward_quant(
+    cfg: &FusedConfig,
+    h: usize,
+    active: &[Active<'_>],
+    hidden: &[f32],
+    n: usize,
+) -> Option<Vec<f32>> {
+    let quant = |l: &Linear| l.act_quantizer();
+    if !active.iter().all(|a| quant(&a.mlp.gate).is_some() && quant(&a.mlp.down).is_some()) {
+        return None;
+    }
+    let pairs: usize = active.iter().map(|a| a.tokens.len()).sum();
+    let par = pairs > SERIAL_PAIRS;
+
+    // Every token's hidden row quantized once per distinct gate/up activation format.
+    let mut formats: Vec<(&Linear, Vec<u8>, usize)> = Vec::new();
+    let mut fmt_of = Vec::with_capacity(active.len());
+    for a in active {
+        let i = match formats.iter().position(|(l, _, _)| same_acts(l, &a.mlp.gate)) {
+            Some(i) => i,
+            None => {
+                let (quantize, arb) = quant(&a.mlp.gate)?;
+                let mut q = vec![0u8; n * arb];
+                let rows = hidden.par_chunks(h).zip(q.par_chunks_mut(arb));
+                if n > 1 {
+                    rows.for_each(|(x, o)| quantize(x, o));
+                } else {
+                    hidden
+                        .chunks_exact(h)
+                        .zip(q.chunks_exact_mut(arb))
+                        .for_each(|(x, o)| quantize(x, o));
+                }
+                formats.push((&a.mlp.gate, q, arb));
+                formats.len() - 1
+            }
+        };
+        fmt_of.push(i);
+    }
+    // Each expert's tokens gathered into consecutive rows (the tile kernels' operand).
+    let idx: Vec<usize> = (0..active.len()).collect();
+    let gathered: Vec<Vec<u8>> = map_items(&idx, par, |&i| {
+        let (_, q, arb) = &formats[fmt_of[i]];
+        let mut g = Vec::with_capacity(active[i].tokens.len() * arb);
+        for &t in &active[i].tokens {
+            g.extend_from_slice(&q[t * arb..(t + 1) * arb]);
+        }
+        g
+    });
+
+    // Gate + up: each work item a block of intermediate rows of one expert, all its tokens.
+    let work = items(active, |m| m.gate.out_dim(), cfg);
+    let blocks: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|(i, rows)| {
+            let a = &active[*i];
+            let arb = formats[fmt_of[*i]].2;
+            let (nt, nr) = (a.tokens.len(), rows.len());
+            let (mut g, mut u) = (vec![0f32; nt * nr], vec![0f32; nt * nr]);
+            tile_rows(&a.mlp.gate, rows.clone(), &gathered[*i], arb, nt, cfg, &mut g);
+            tile_rows(&a.mlp.up, rows.clone(), &gathered[*i], arb, nt, cfg, &mut u);
+            for (g, u) in g.iter_mut().zip(&u) {
+                *g = silu(*g) * u;
+            }
+            g
+        })
+        .collect();
+    drop(gathered);
+    // Per expert: the intermediate rows assembled token-major, then quantized for down.
+    let first_item = item_starts(&work, active.len());
+    let down_acts: Vec<(Vec<u8>, usize)> = map_items(&idx, par, |&i| {
+        let (nt, ff) = (active[i].tokens.len(), active[i].mlp.gate.out_dim());
+        let mut x = vec![0f32; nt * ff];
+        for (w, b) in work[first_item[i]..first_item[i + 1]].iter().zip(&blocks[first_item[i]..]) {
+            let nr = w.1.len();
+            for s in 0..nt {
+                x[s * ff + w.1.start..s * ff + w.1.end].copy_from_slice(&b[s * nr..(s + 1) * nr]);
+            }
+        }
+        // Checked above: every down projection quantizes its input.
+        let Some((quantize, arb)) = active[i].mlp.down.act_quantizer() else {
+            return (Vec::new(), 0);
+        };
+        let mut q = vec![0u8; nt * arb];
+        for (x, o) in x.chunks_exact(ff).zip(q.chunks_exact_mut(arb)) {
+            quantize(x, o);
+        }
+        (q, arb)
+    });
+    drop(blocks);
+
+    // Down: blocks of hidden rows of one expert, all its tokens.
+    let work = items(active, |m| m.down.out_dim(), cfg);
+    let blocks: Vec<Vec<f32>> = work
+        .par_iter()
+        .map(|(i, rows)| {
+            let a = &active[*i];
+            let (q, arb) = &down_acts[*i];
+            let (nt, nr) = (a.tokens.len(), rows.len());
+            let mut o = vec![0f32; nt * nr];
+            tile_rows(&a.mlp.down, rows.clone(), q, *arb, nt, cfg, &mut o);
+            o
+        })
+        .collect();
+    drop(down_acts);
+
+    // Weighted sum per token, in expert id order (the reference order); tokens in parallel.
+    let first_item = item_starts(&work, active.len());
+    let mut contrib: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); n];
+    for (i, a) in active.iter().enumerate() {
+        for (s, (&t, &w)) in a.tokens.iter().zip(&a.weights).enumerate() {
+            contrib[t].push((i, s, w));
+        }
+    }
+    let mut out = vec![0f32; n * h];
+    let add = |(o, c): (&mut [f32], &Vec<(usize, usize, f32)>)| {
+        for &(i, s, w) in c {
+            for (wk, b) in
+                work[first_item[i]..first_item[i + 1]].iter().zip(&blocks[first_item[i]..])
+            {
+                let nr = wk.1.len();
+                for (o, v) in o[wk.1.clone()].iter_mut().zip(&b[s * nr..(s + 1) * nr]) {
+                    *o += v * w;
+                }
+            }
+        }
+    };
+    if par {
+        out.par_chunks_mut(h).zip(contrib.par_iter()).for_each(add);
+    } else {
+        out.chunks_mut(h).zip(contrib.iter()).for_each(add);
+    }
+    Some(out)
+}
+
+/// Index of each expert's first work item (items are in expert order), plus the end.
+fn item_starts(work: &[(usize, std::ops::Range<usize>)], experts: usize) -> Vec<usize> {
+    let mut starts = vec![work.len(); experts + 1];
+    for (j, (i, _)) in work.iter().enumerate().rev() {
+        starts[*i] = j;
+    }
+    // Experts without items (none in practice) start where the next one does.
+    for i in (0..experts).rev() {
+        starts[i] = starts[i].min(starts[i + 1]);
+    }
+    starts
 }

@@ -59,6 +59,13 @@ pub type DotF32Fn = fn(src: &[u8], x: &[f32]) -> f32;
 pub type VecDotFn = fn(w: &[u8], a: &[u8]) -> f32;
 /// Quantizes f32 activations into the `vec_dot_type` of the table's format.
 pub type QuantizeFn = fn(x: &[f32], dst: &mut [u8]);
+/// A tile of `vec_dot`s: `w` holds `rows` weight rows of `w_row_bytes`, `a` holds `tokens`
+/// activation rows of `a_row_bytes`; writes `out[t * ldo + r] = vec_dot(row r, row t)`. Called
+/// only through [`Kernels::vec_dot_tile`], which has checked that `w_row_bytes` and
+/// `a_row_bytes` are nonzero and hold the same number of whole blocks, `rows <= ldo` and that
+/// `out` holds `(tokens - 1) * ldo + rows` values.
+pub type VecDotTileFn =
+    fn(w: &[u8], w_row_bytes: usize, a: &[u8], a_row_bytes: usize, out: &mut [f32], ldo: usize);
 
 /// The kernels of one block format.
 #[derive(Debug)]
@@ -84,6 +91,64 @@ pub struct Kernels {
     /// activation formats (F32, F16, BF16, Q8_0, Q8_1, Q8_K) `vec_dot_type == ty`, so this is
     /// their `quantize_row`.
     pub quantize: QuantizeFn,
+    /// A multi-row, multi-token `vec_dot` that unpacks each weight block once for several
+    /// activation rows (register-blocked), where the family has one; reached through
+    /// [`Kernels::vec_dot_tile`], which otherwise loops over [`Kernels::vec_dot`].
+    pub(crate) vec_dot_tile: Option<VecDotTileFn>,
+}
+
+impl Kernels {
+    /// Whether [`Kernels::vec_dot_tile`] has its own multi-token kernel here (rather than a
+    /// loop over `vec_dot`).
+    pub fn has_vec_dot_tile(&self) -> bool {
+        self.vec_dot_tile.is_some()
+    }
+
+    /// `out[t * ldo + r] = (self.vec_dot)(w row r, a row t)` for every weight row `r` of `w`
+    /// (rows of `w_row_bytes`) and activation row `t` of `a` (rows of `a_row_bytes`), i.e. a
+    /// `[tokens × rows]` block of the product in token-major order with row stride `ldo`.
+    ///
+    /// Bit-identical to calling `vec_dot` per pair (the multi-token kernels do each pair's
+    /// integer and f32 operations in the single-row kernel's order; `tests/tile.rs`). Never
+    /// panics: with inconsistent arguments (zero row sizes, rows of different block counts,
+    /// `ldo` < rows, `out` too short) it computes only the pairs whose rows and output slots
+    /// are whole and leaves the rest of `out` as it was.
+    pub fn vec_dot_tile(
+        &self,
+        w: &[u8],
+        w_row_bytes: usize,
+        a: &[u8],
+        a_row_bytes: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        if w_row_bytes == 0 || a_row_bytes == 0 {
+            return;
+        }
+        let rows = (w.len() / w_row_bytes).min(ldo);
+        if rows == 0 || out.len() < rows {
+            return;
+        }
+        let tokens = (a.len() / a_row_bytes).min((out.len() - rows) / ldo.max(1) + 1);
+        let (w, a) = (&w[..rows * w_row_bytes], &a[..tokens * a_row_bytes]);
+        let same_blocks = self.ty.block_size() > 0
+            && self.vec_dot_type.block_size() > 0
+            && w_row_bytes.is_multiple_of(self.ty.type_size())
+            && a_row_bytes.is_multiple_of(self.vec_dot_type.type_size())
+            && w_row_bytes / self.ty.type_size() * self.ty.block_size()
+                == a_row_bytes / self.vec_dot_type.type_size() * self.vec_dot_type.block_size();
+        match self.vec_dot_tile {
+            Some(f) if same_blocks && tokens > 0 => f(w, w_row_bytes, a, a_row_bytes, out, ldo),
+            _ => {
+                for (t, at) in a.chunks_exact(a_row_bytes).enumerate() {
+                    let o = &mut out[t * ldo..t * ldo + rows];
+                    for (v, wr) in o.iter_mut().zip(w.chunks_exact(w_row_bytes)) {
+                        *v = (self.vec_dot)(wr, at);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A kernel table lookup.
@@ -194,6 +259,24 @@ pub fn kernels(ty: GgmlType) -> Option<&'static Kernels> {
     (selection().isa.table())(ty)
 }
 
+/// Default of [`prefetch_distance`].
+pub const DEFAULT_PREFETCH_BYTES: usize = 1024;
+
+/// How far ahead (bytes) the multi-token `vec_dot_tile` kernels prefetch the weight rows they
+/// stream (software prefetch into L1, on top of the hardware prefetchers): the environment
+/// variable `KT_PREFETCH` (bytes; `0` turns it off), else [`DEFAULT_PREFETCH_BYTES`]. Read
+/// once per process.
+pub fn prefetch_distance() -> usize {
+    static D: OnceLock<usize> = OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("KT_PREFETCH")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_PREFETCH_BYTES)
+            .min(1 << 16)
+    })
+}
+
 /// The kernel family [`kernels`] uses (`"scalar"`, `"avx2"`, `"avx512"` or `"vnni"`).
 pub fn selected_isa() -> &'static str {
     selection().isa.name()
@@ -266,6 +349,7 @@ macro_rules! scalar_tables {
                     dot_f32: $dot,
                     vec_dot: $vec_dot,
                     quantize: $quant,
+                    vec_dot_tile: None,
                 };
             )*
         }

@@ -32,7 +32,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::{avx512, Kernels};
-use crate::blocks::{k4_scales_mins, KVALUES_IQ4NL};
+use crate::blocks::KVALUES_IQ4NL;
 use kt_core::GgmlType;
 
 macro_rules! entry {
@@ -55,6 +55,14 @@ macro_rules! with_vec_dot {
             None => return None,
         }
     }};
+    ($ty:ident, $f:expr, $tile:expr) => {{
+        match avx512::table(GgmlType::$ty) {
+            Some(base) => {
+                Kernels { vec_dot: $f, vec_dot_isa: "vnni", vec_dot_tile: Some($tile), ..*base }
+            }
+            None => return None,
+        }
+    }};
 }
 
 /// The VNNI table of `ty`: the AVX-512 table with VNNI `vec_dot`s where this module has them.
@@ -64,11 +72,11 @@ pub(super) fn table(ty: GgmlType) -> Option<&'static Kernels> {
     let t = T.get_or_init(|| {
         let mk = |ty: GgmlType| -> Option<Kernels> {
             Some(match ty {
-                GgmlType::Q8_0 => with_vec_dot!(Q8_0, vec_dot_q8_0),
-                GgmlType::Q4_0 => with_vec_dot!(Q4_0, vec_dot_q4_0),
-                GgmlType::Q5_0 => with_vec_dot!(Q5_0, vec_dot_q5_0),
-                GgmlType::Q4_K => with_vec_dot!(Q4_K, vec_dot_q4_k),
-                GgmlType::Q5_K => with_vec_dot!(Q5_K, vec_dot_q5_k),
+                GgmlType::Q8_0 => with_vec_dot!(Q8_0, vec_dot_q8_0, tile_q8_0),
+                GgmlType::Q4_0 => with_vec_dot!(Q4_0, vec_dot_q4_0, tile_q4_0),
+                GgmlType::Q5_0 => with_vec_dot!(Q5_0, vec_dot_q5_0, tile_q5_0),
+                GgmlType::Q4_K => with_vec_dot!(Q4_K, vec_dot_q4_k, tile_q4_k),
+                GgmlType::Q5_K => with_vec_dot!(Q5_K, vec_dot_q5_k, tile_q5_k),
                 GgmlType::Q6_K => with_vec_dot!(Q6_K, vec_dot_q6_k),
                 GgmlType::IQ4_XS => with_vec_dot!(IQ4_XS, vec_dot_iq4_xs),
                 GgmlType::BF16 if bf16_available() => with_vec_dot!(BF16, vec_dot_bf16),
@@ -113,6 +121,22 @@ entry!(vec_dot_q4_k => q4_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q5_k => q5_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q6_k => q6_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_iq4_xs => iq4_xs_q8_k(w: &[u8], a: &[u8]) -> f32);
+
+macro_rules! tile_entry {
+    ($name:ident => $imp:ident) => {
+        fn $name(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+            // SAFETY: as for `entry!`: only stored in this module's tables, handed out only
+            // after `Isa::Vnni.available()` returned true.
+            unsafe { $imp(w, wrb, a, arb, out, ldo) }
+        }
+    };
+}
+
+tile_entry!(tile_q8_0 => q8_0_tile);
+tile_entry!(tile_q4_0 => q4_0_tile);
+tile_entry!(tile_q5_0 => q5_0_tile);
+tile_entry!(tile_q4_k => q4_k_tile);
+tile_entry!(tile_q5_k => q5_k_tile);
 
 fn vec_dot_bf16(w: &[u8], a: &[u8]) -> f32 {
     // SAFETY: this function is only stored in the BF16 entry of this module's table, which is
@@ -288,15 +312,211 @@ fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    small_q8_0(w, a, 22, 16, |x| {
-        // Bit j of qh is the fifth bit of value j: 16 in the bytes whose bit is set.
-        let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
-        _mm256_or_si256(nibbles32(x, 6), _mm256_maskz_set1_epi8(qh, 16))
-    })
+    small_q8_0(w, a, 22, 16, |x| q5_0_unpack(x))
 }
 
-/// Q4_K and Q5_K: `hbits(j)` gives the fifth bits (already `<< 4`) of the 64 values of chunk
-/// `j` (values `64j..64j + 64`) in byte order, or zero; `qs` is the offset of the nibbles.
+/// Q5_0's 32 unsigned quants (0..32) in value order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_0_unpack(x: &[u8]) -> __m256i {
+    // Bit j of qh is the fifth bit of value j: 16 in the bytes whose bit is set.
+    let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+    _mm256_or_si256(nibbles32(x, 6), _mm256_maskz_set1_epi8(qh, 16))
+}
+
+/// The scales and mins of a Q4_K/Q5_K block (`x[4..16]`), as eight bytes each in one u64
+/// (ggml's `utmp` shuffle; the same values as [`k4_scales_mins`]).
+#[inline(always)]
+fn k4_scales_mins_u64(x: &[u8]) -> (u64, u64) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u = |i: usize| u32::from_le_bytes([x[4 + 4 * i], x[5 + 4 * i], x[6 + 4 * i], x[7 + 4 * i]]);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let sc_lo = u0 & KMASK1;
+    let sc_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let mn_lo = u1 & KMASK1;
+    let mn_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
+}
+
+/// One Q4_K/Q5_K weight block unpacked for `VPDPBUSD`: `q[j]` the unsigned quants of values
+/// `64j..64j + 64`, `s[j]` the scales of its two 32-value sub-blocks as i16 in the low half
+/// of each i32 lane (lanes 0..8: sub-block 2j, 8..16: 2j + 1), `mins` the mins per 16-value
+/// group as i16, `d`/`dmin` the block scales.
+struct K4Block {
+    q: [__m512i; 4],
+    s: [__m512i; 4],
+    mins: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn k4_unpack(x: &[u8], qs: usize, hbits: &impl Fn(&[u8], usize) -> __m512i) -> K4Block {
+    {
+        let m4 = _mm256_set1_epi8(0xF);
+        let (sc, mn) = k4_scales_mins_u64(x);
+        let sv = _mm_cvtsi64_si128(sc as i64);
+        let s = std::array::from_fn(|j| {
+            let idx = _mm_set_epi64x(
+                0x0101_0101_0101_0101 * (2 * j as i64 + 1),
+                0x0101_0101_0101_0101 * (2 * j as i64),
+            );
+            _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sv, idx))
+        });
+        let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
+            _mm_cvtsi64_si128(mn as i64),
+            _mm_set_epi64x(0x0707_0606_0505_0404, 0x0303_0202_0101_0000),
+        ));
+        let q = std::array::from_fn(|j| {
+            let q4 = ld256(x, qs + 32 * j);
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+            _mm512_or_si512(join(lo, hi), hbits(x, j))
+        });
+        K4Block { q, s, mins, d: f16_at(x, 0), dmin: f16_at(x, 2) }
+    }
+}
+
+/// Prefetches the cache lines `bytes` bytes from `at` on, `super::prefetch_distance()` bytes
+/// ahead of `at` (nothing when the distance is 0). A prefetch never faults, so the address may
+/// lie past the end of `x` (the next weight row, or nothing).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn prefetch_ahead(x: &[u8], at: usize, bytes: usize, dist: usize) {
+    if dist == 0 {
+        return;
+    }
+    let p = x.as_ptr().wrapping_add(at + dist);
+    let mut off = 0;
+    while off < bytes {
+        // `_mm_prefetch` is a safe hint that never faults; `wrapping_add` forms the address
+        // without asserting that it is in bounds.
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast());
+        off += 64;
+    }
+}
+
+/// Σ of the eight f32 lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn hsum256_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// One Q4_K/Q5_K weight row `x` (`nb` blocks of `bytes`) against the `G` Q8_K activation
+/// rows `ys`: each block is unpacked once for the `G` rows.
+///
+/// Per (row, token) the operations are always the same, whatever `G` (so every `G`, and the
+/// single-row `vec_dot`, give bit-identical results): per block, the exact integer sum
+/// `Σ_j Σ q a · scale` in sixteen i32 lanes (`VPDPBUSD`, then `VPDPWSSD` with the scales:
+/// each `VPDPBUSD` lane is `|Σ4 q a| ≤ 4 · 31 · 128 < 2^15`, an exact i16) times `d · y.d`
+/// added with FMA into sixteen f32 lanes, and the mins' integer sums (eight i32 lanes of
+/// `bsums · min`) times `dmin · y.d` into eight more; the result is the sum of the first
+/// lanes minus the sum of the second.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn k4_row<const G: usize>(
+    x: &[u8],
+    nb: usize,
+    bytes: usize,
+    ys: [&[u8]; G],
+    qs: usize,
+    hbits: &impl Fn(&[u8], usize) -> __m512i,
+    dist: usize,
+) -> [f32; G] {
+    {
+        let mut acc = [_mm512_setzero_ps(); G];
+        let mut macc = [_mm256_setzero_ps(); G];
+        for b in 0..nb {
+            prefetch_ahead(x, bytes * b, bytes, dist);
+            let blk = k4_unpack(&x[bytes * b..bytes * (b + 1)], qs, hbits);
+            for t in 0..G {
+                let y = &ys[t][292 * b..292 * (b + 1)];
+                let yd = f32_at(y, 0);
+                let mut isum = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let p =
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.q[j], ld512(y, 4 + 64 * j));
+                    isum = _mm512_dpwssd_epi32(isum, p, blk.s[j]);
+                }
+                acc[t] =
+                    _mm512_fmadd_ps(_mm512_set1_ps(blk.d * yd), _mm512_cvtepi32_ps(isum), acc[t]);
+                let m = _mm256_madd_epi16(ld256(y, 260), blk.mins);
+                macc[t] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(blk.dmin * yd), _mm256_cvtepi32_ps(m), macc[t]);
+            }
+        }
+        std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - hsum256_ps(macc[t]))
+    }
+}
+
+/// Token groups of a tile: 8 tokens at a time, the rest in groups of 4, 2 and 1.
+#[inline(always)]
+fn group_of(left: usize) -> usize {
+    match left {
+        8.. => 8,
+        4..=7 => 4,
+        2..=3 => 2,
+        _ => 1,
+    }
+}
+
+/// The Q4_K/Q5_K tile (see [`super::VecDotTileFn`] for the arguments' contract).
+#[allow(clippy::too_many_arguments)] // the tile contract plus the format's parameters
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn k4_tile(
+    w: &[u8],
+    wrb: usize,
+    a: &[u8],
+    arb: usize,
+    out: &mut [f32],
+    ldo: usize,
+    bytes: usize,
+    qs: usize,
+    hbits: impl Fn(&[u8], usize) -> __m512i,
+) {
+    let nb = (wrb / bytes).min(arb / 292);
+    let dist = super::prefetch_distance();
+    let (rows, tokens) = (w.len() / wrb, a.len() / arb);
+    let row = |t: usize| &a[t * arb..(t + 1) * arb];
+    let mut t0 = 0;
+    while t0 < tokens {
+        let g = group_of(tokens - t0);
+        for (r, x) in w.chunks_exact(wrb).enumerate().take(rows) {
+            macro_rules! go {
+                ($g:literal) => {{
+                    let v = k4_row::<$g>(
+                        x,
+                        nb,
+                        bytes,
+                        std::array::from_fn(|i| row(t0 + i)),
+                        qs,
+                        &hbits,
+                        dist,
+                    );
+                    for (i, v) in v.into_iter().enumerate() {
+                        out[(t0 + i) * ldo + r] = v;
+                    }
+                }};
+            }
+            match g {
+                8 => go!(8),
+                4 => go!(4),
+                2 => go!(2),
+                _ => go!(1),
+            }
+        }
+        t0 += g;
+    }
+}
+
+/// The single-row Q4_K/Q5_K `vec_dot`: the tile kernel with one row and one token.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn k4_q8_k(
@@ -306,40 +526,8 @@ fn k4_q8_k(
     qs: usize,
     hbits: impl Fn(&[u8], usize) -> __m512i,
 ) -> f32 {
-    let m4 = _mm256_set1_epi8(0xF);
-    let mut acc = _mm512_setzero_ps();
-    let mut sumf = 0f32;
-    for (x, y) in w.chunks_exact(bytes).zip(a.chunks_exact(292)) {
-        let mut sc12 = [0u8; 12];
-        sc12.copy_from_slice(&x[4..16]);
-        let (sc, mn) = k4_scales_mins(&sc12);
-        // Minimums: Σ_j bsums[j] · mins[j / 2].
-        let mins16: [i16; 16] = std::array::from_fn(|j| mn[j / 2] as i16);
-        // SAFETY: `mins16` holds 16 readable i16 (32 bytes); the load is unaligned.
-        let mv = unsafe { _mm256_loadu_si256(mins16.as_ptr().cast()) };
-        let summ = bsums_dot(y, mv);
-        let mut isum = _mm512_setzero_si512();
-        for j in 0..4 {
-            let q4 = ld256(x, qs + 32 * j);
-            let lo = _mm256_and_si256(q4, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-            let q = _mm512_or_si512(join(lo, hi), hbits(x, j));
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, ld512(y, 4 + 64 * j));
-            // Lanes 0..8: sub-block 2j, lanes 8..16: sub-block 2j + 1.
-            let s = _mm512_mask_blend_epi32(
-                0xFF00,
-                _mm512_set1_epi32(sc[2 * j] as i32),
-                _mm512_set1_epi32(sc[2 * j + 1] as i32),
-            );
-            isum = _mm512_add_epi32(isum, _mm512_mullo_epi32(p, s));
-        }
-        let yd = f32_at(y, 0);
-        let d = f16_at(x, 0) * yd;
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
-        let dmin = f16_at(x, 2) * yd;
-        sumf -= dmin * summ as f32;
-    }
-    sumf + _mm512_reduce_add_ps(acc)
+    let nb = (w.len() / bytes).min(a.len() / 292);
+    k4_row::<1>(w, nb, bytes, [a], qs, &hbits, 0)[0]
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -348,17 +536,34 @@ fn q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let c16 = _mm256_set1_epi8(16);
-    k4_q8_k(w, a, 176, 48, |x, j| {
-        // qh[l] bit 2j → value 64j + l, bit 2j + 1 → value 64j + 32 + l; moved to bit 4.
+fn q4_k_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    k4_tile(w, wrb, a, arb, out, ldo, 144, 16, |_, _| _mm512_setzero_si512())
+}
+
+/// Q5_K's fifth bits of chunk `j`: `qh[l]` bit 2j → value 64j + l, bit 2j + 1 → value
+/// 64j + 32 + l; moved to bit 4.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_k_hbits(x: &[u8], j: usize) -> __m512i {
+    {
+        let c16 = _mm256_set1_epi8(16);
         let h = ld256(x, 16);
         let sh = _mm_cvtsi32_si128(2 * j as i32);
         let h1 = _mm256_srl_epi16(h, sh);
         let lo = _mm256_and_si256(_mm256_slli_epi16::<4>(h1), c16);
         let hi = _mm256_and_si256(_mm256_slli_epi16::<3>(h1), c16);
         join(lo, hi)
-    })
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
+    k4_q8_k(w, a, 176, 48, |x, j| q5_k_hbits(x, j))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_k_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    k4_tile(w, wrb, a, arb, out, ldo, 176, 48, |x, j| q5_k_hbits(x, j))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -445,6 +650,164 @@ fn iq4_xs_q8_k(w: &[u8], a: &[u8]) -> f32 {
         sumf += (f16_at(x, 0) * f32_at(y, 0)) * total as f32;
     }
     sumf
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q8_0-family tiles
+// ---------------------------------------------------------------------------------------------
+
+/// One token's pair of Q8_0 activation blocks prepared once for all the rows of a tile: the
+/// 64 quants, minus the offset correction `Σ c · a` per i32 lane (as the single-row kernels
+/// compute it, with `VPDPBUSD`), and the two block scales per lane (lanes 0..8, 8..16).
+#[derive(Clone, Copy)]
+struct Q8Pair {
+    aq: __m512i,
+    negc: __m512i,
+    da: __m512,
+}
+
+/// Σ of the 32 products of the last (odd) block, exactly as the single-row kernels' tail.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_tail_sumi(xq: __m256i, y: &[u8], c: i8) -> i32 {
+    {
+        let aq = ld256(y, 2);
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xq, aq);
+        let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(c), aq);
+        let v = _mm256_sub_epi32(p, q);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
+    }
+}
+
+/// One weight row `x` (`nb` blocks of `bytes`; `unpack` gives a block's 32 quants as unsigned
+/// bytes, `c` the offset subtracted through the activations) against `G` prepared tokens
+/// (`prep[t * pairs..]`, `ys[t]` their rows for the tail block). Per (row, token), the same
+/// operations as `q8_0_q8_0`/`small_q8_0` in the same order: bit-identical results.
+#[allow(clippy::too_many_arguments)] // a row, its tokens and the format's parameters
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_row<const G: usize>(
+    x: &[u8],
+    nb: usize,
+    bytes: usize,
+    prep: &[Q8Pair],
+    ys: [&[u8]; G],
+    c: i8,
+    unpack: &impl Fn(&[u8]) -> __m256i,
+    dist: usize,
+) -> [f32; G] {
+    {
+        let pairs = nb / 2;
+        let mut acc = [_mm512_setzero_ps(); G];
+        for p in 0..pairs {
+            prefetch_ahead(x, 2 * bytes * p, 2 * bytes, dist);
+            let (x0, x1) = (&x[bytes * 2 * p..], &x[bytes * (2 * p + 1)..]);
+            let wq = join(unpack(x0), unpack(x1));
+            let dw = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(f16_at(x0, 0)),
+                _mm512_set1_ps(f16_at(x1, 0)),
+            );
+            for t in 0..G {
+                let pp = &prep[t * pairs + p];
+                let s = _mm512_dpbusd_epi32(pp.negc, wq, pp.aq);
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, pp.da), _mm512_cvtepi32_ps(s), acc[t]);
+            }
+        }
+        let mut out: [f32; G] = std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]));
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let xb = &x[bytes * b..bytes * (b + 1)];
+            let xq = unpack(xb);
+            for t in 0..G {
+                let y = &ys[t][34 * b..34 * (b + 1)];
+                out[t] += q8_tail_sumi(xq, y, c) as f32 * (f16_at(xb, 0) * f16_at(y, 0));
+            }
+        }
+        out
+    }
+}
+
+/// The Q8_0/Q4_0/Q5_0 × Q8_0 tile (see [`super::VecDotTileFn`]).
+#[allow(clippy::too_many_arguments)] // the tile contract plus the format's parameters
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_tile(
+    w: &[u8],
+    wrb: usize,
+    a: &[u8],
+    arb: usize,
+    out: &mut [f32],
+    ldo: usize,
+    bytes: usize,
+    c: i8,
+    unpack: impl Fn(&[u8]) -> __m256i,
+) {
+    let nb = (wrb / bytes).min(arb / 34);
+    let dist = super::prefetch_distance();
+    let pairs = nb / 2;
+    let (rows, tokens) = (w.len() / wrb, a.len() / arb);
+    let row = |t: usize| &a[t * arb..(t + 1) * arb];
+    let mut prep: Vec<Q8Pair> = Vec::with_capacity(group_of(tokens) * pairs);
+    let cv = _mm512_set1_epi8(c);
+    let mut t0 = 0;
+    while t0 < tokens {
+        let g = group_of(tokens - t0);
+        prep.clear();
+        for i in 0..g {
+            let y = row(t0 + i);
+            for p in 0..pairs {
+                let (y0, y1) = (&y[68 * p..68 * p + 34], &y[68 * p + 34..68 * p + 68]);
+                let aq = join(ld256(y0, 2), ld256(y1, 2));
+                let corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, aq);
+                prep.push(Q8Pair {
+                    aq,
+                    negc: _mm512_sub_epi32(_mm512_setzero_si512(), corr),
+                    da: _mm512_mask_blend_ps(
+                        0xFF00,
+                        _mm512_set1_ps(f16_at(y0, 0)),
+                        _mm512_set1_ps(f16_at(y1, 0)),
+                    ),
+                });
+            }
+        }
+        for (r, x) in w.chunks_exact(wrb).enumerate().take(rows) {
+            macro_rules! go {
+                ($g:literal) => {{
+                    let ys = std::array::from_fn(|i| row(t0 + i));
+                    let v = q8_row::<$g>(x, nb, bytes, &prep, ys, c, &unpack, dist);
+                    for (i, v) in v.into_iter().enumerate() {
+                        out[(t0 + i) * ldo + r] = v;
+                    }
+                }};
+            }
+            match g {
+                8 => go!(8),
+                4 => go!(4),
+                2 => go!(2),
+                _ => go!(1),
+            }
+        }
+        t0 += g;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    let flip = _mm256_set1_epi8(-128);
+    q8_tile(w, wrb, a, arb, out, ldo, 34, -128, |x| _mm256_xor_si256(ld256(x, 2), flip))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q4_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    q8_tile(w, wrb, a, arb, out, ldo, 18, 8, |x| nibbles32(x, 2))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    q8_tile(w, wrb, a, arb, out, ldo, 22, 16, |x| q5_0_unpack(x))
 }
 
 // ---------------------------------------------------------------------------------------------
