@@ -22,6 +22,8 @@ mod env {
     pub const METRICS: &str = "KT_EXPERT_METRICS";
     pub const SHM_DIR: &str = "KT_EXPERT_SHM_DIR";
     pub const NO_SHM: &str = "KT_EXPERT_NO_SHM";
+    pub const MAX_MESSAGE_BYTES: &str = "KT_EXPERT_MAX_MESSAGE_BYTES";
+    pub const MAX_TOKENS: &str = "KT_EXPERT_MAX_TOKENS";
 }
 
 #[derive(Parser, Debug)]
@@ -67,6 +69,13 @@ struct Args {
     /// Offer no shared memory (every worker uses gRPC).
     #[arg(long, env = env::NO_SHM)]
     no_shm: bool,
+    /// Largest request message accepted, bytes (bigger ones end their stream with
+    /// OUT_OF_RANGE). Default 256 MiB.
+    #[arg(long, env = env::MAX_MESSAGE_BYTES)]
+    max_message_bytes: Option<usize>,
+    /// Most tokens per request. Default 8192.
+    #[arg(long, env = env::MAX_TOKENS)]
+    max_tokens: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,7 +87,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let defaults = kt_expert::Limits::default();
+    let limits = kt_expert::Limits {
+        max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
+        max_message_bytes: args.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+    };
     let opts = ServerOptions {
+        limits,
         name: args.name.clone(),
         numa: args.numa,
         threads: args.threads,

@@ -25,7 +25,7 @@ mod remote;
 mod select;
 mod server;
 
-pub use kt_proto::WireDType;
+pub use kt_proto::{Limits, WireDType};
 pub use placement::{connect_plan, SlicedExperts};
 pub use remote::{Holding, LinkKind, RemoteExperts, RemoteOptions, ShmMode};
 pub use select::Selection;

@@ -1,7 +1,9 @@
 //! Generation with the routed experts on two expert servers (in-process tonic servers on
-//! 127.0.0.1, experts split by id parity) equals single-process generation: same greedy
-//! tokens, logprobs within 1e-5. Plus the failure cases: a server dropped mid-generation, a
-//! server of another model, malformed messages.
+//! 127.0.0.1) equals single-process generation: same greedy tokens, logprobs within 1e-5 —
+//! with experts split by id parity (`--experts`), and from placement plans split by expert id
+//! and by intermediate slice (`load_plan` + `connect_plan`), over gRPC and shared memory.
+//! Plus the failure cases: a server dropped mid-generation, a server of another model,
+//! malformed messages.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,15 +100,133 @@ fn split_matches_single_process(model: &str) {
     compare(model, &want, &got);
 }
 
+/// A two-server plan for `model` (its architecture from the shipped fixture plan) with the
+/// given split, written to a temporary file.
+fn plan_file(model: &str, split: &str) -> PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../rules/fixtures")
+        .join(format!("{model}.yaml"));
+    let arch = kt_plan::Plan::load(&fixture).unwrap().arch;
+    let split = match split {
+        "by_expert" => "split: by_expert\n  assign: round_robin",
+        "intermediate" => "split: intermediate\n  slices: {numa0: 1, numa1: 1}",
+        other => panic!("{other}"),
+    };
+    let text = format!(
+        "model: {{arch: {arch}}}\nworker: {{devices: [cpu]}}\nexperts:\n  servers: {{numa0: {{numa: 0}}, numa1: {{numa: 1}}}}\n  {split}\n  kernel: {{decode: native, prefill: native}}\nrules:\n  - {{match: '\\.experts\\.\\d+\\.', kind: experts, place: experts}}\n  - {{match: '.*', place: cpu}}\n"
+    );
+    let dir = std::env::temp_dir().join(format!("kt-split-plans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{model}-{}.yaml", split.split_whitespace().nth(1).unwrap()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn plan_server(model: &str, plan: &Path, name: &str) -> ServerHandle {
+    let opts = ServerOptions { threads: Some(2), name: name.into(), ..ServerOptions::default() };
+    let svc = kt_expert::load_plan(&hf(model), None, plan, opts).unwrap();
+    ServerHandle::start(svc, "127.0.0.1:0").unwrap()
+}
+
+/// Two servers started from a plan (`--plan --name`), a worker connected by the same plan.
+fn plan_split_matches_single_process(model: &str, split: &str, shm: kt_expert::ShmMode) {
+    let path = plan_file(model, split);
+    let plan = kt_plan::Plan::load(&path).unwrap();
+    let shape = kt_plan::ModelShape::open(hf(model), None).unwrap();
+    let (a, b) = (plan_server(model, &path, "numa0"), plan_server(model, &path, "numa1"));
+    if split == "intermediate" {
+        let (sa, sb) = (a_slice(&a, model), a_slice(&b, model));
+        assert_eq!((sa.start, sb.end), (0, sa.expert_ff), "{model}: {sa:?} {sb:?}");
+        assert_eq!(sa.end, sb.start);
+    }
+    let addrs = vec![
+        ("numa0".to_string(), a.addr().to_string()),
+        ("numa1".to_string(), b.addr().to_string()),
+    ];
+    let parts = kt_models::open(&hf(model), None, MatmulMode::F32).unwrap();
+    let ours = identity("hf", &parts.config);
+    let opts = RemoteOptions { shm, ..RemoteOptions::default() };
+    let experts = kt_expert::connect_plan(&plan, &shape, &ours, &addrs, &opts).unwrap();
+    let worker = Model::load_with(
+        parts.config.clone(),
+        parts.source.tensors(),
+        parts.scheme,
+        MatmulMode::F32,
+        &|_, _| false,
+    )
+    .unwrap()
+    .with_experts(experts);
+    let prompt = prompt(model);
+    let local = kt_models::load(&hf(model), None, MatmulMode::F32).unwrap();
+    let want = generate(&local.model, &prompt, &params(), &mut greedy(), |_| true).unwrap();
+    let got = generate(&worker, &prompt, &params(), &mut greedy(), |_| true).unwrap();
+    compare(&format!("{model} ({split}, {shm:?})"), &want, &got);
+}
+
+/// The slice a server reports in `Info`.
+fn a_slice(server: &ServerHandle, model: &str) -> kt_proto::v1::ExpertSlice {
+    let parts = kt_models::open(&hf(model), None, MatmulMode::F32).unwrap();
+    let r = RemoteExperts::connect(
+        &server.addr().to_string(),
+        &identity("hf", &parts.config),
+        RemoteOptions::default(),
+    )
+    .unwrap();
+    let info = r.info();
+    assert!(info.plan.is_some(), "a server started from a plan reports it");
+    info.slice.unwrap()
+}
+
 macro_rules! split_tests {
     ($($name:ident => $model:literal),* $(,)?) => {
         $(
-            #[test]
-            fn $name() {
-                split_matches_single_process($model);
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn by_parity() {
+                    split_matches_single_process($model);
+                }
+
+                #[test]
+                fn plan_by_expert_grpc() {
+                    plan_split_matches_single_process($model, "by_expert", kt_expert::ShmMode::Off);
+                }
+
+                #[test]
+                fn plan_by_expert_shm() {
+                    plan_split_matches_single_process($model, "by_expert", kt_expert::ShmMode::Required);
+                }
+
+                #[test]
+                fn plan_intermediate_grpc() {
+                    plan_split_matches_single_process($model, "intermediate", kt_expert::ShmMode::Off);
+                }
+
+                #[test]
+                fn plan_intermediate_shm() {
+                    plan_split_matches_single_process(
+                        $model,
+                        "intermediate",
+                        kt_expert::ShmMode::Required,
+                    );
+                }
             }
         )*
     };
+}
+
+#[test]
+fn plan_servers_refuse_names_the_plan_lacks() {
+    let path = plan_file("qwen2moe", "by_expert");
+    let opts = ServerOptions { name: "numa7".into(), ..ServerOptions::default() };
+    let err = kt_expert::load_plan(&hf("qwen2moe"), None, &path, opts).unwrap_err().to_string();
+    assert!(err.contains("no expert server `numa7`") && err.contains("numa0"), "{err}");
+    // A plan for another architecture.
+    let other = plan_file("qwen3moe", "by_expert");
+    let opts = ServerOptions { name: "numa0".into(), ..ServerOptions::default() };
+    let err = kt_expert::load_plan(&hf("qwen2moe"), None, &other, opts).unwrap_err().to_string();
+    assert!(err.contains("arch"), "{err}");
 }
 
 split_tests! {
