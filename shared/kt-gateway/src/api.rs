@@ -186,7 +186,11 @@ pub(crate) fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiEr
         };
         obj.insert("role".into(), Value::String(role));
         match obj.get("content") {
-            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            // Templates concatenate `content`; an assistant turn with only tool calls has none.
+            None | Some(Value::Null) => {
+                obj.insert("content".into(), Value::String(String::new()));
+            }
+            Some(Value::String(_)) => {}
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
                 for (k, p) in parts.iter().enumerate() {

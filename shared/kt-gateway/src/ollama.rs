@@ -231,6 +231,7 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap,
         }
         let mut message = json!({"role": "assistant", "content": text});
         if !o.tool_calls.is_empty() {
+            message["content"] = json!(text.trim());
             message["tool_calls"] = Value::Array(tool_calls(&o));
         }
         let mut v = json!({"model": model, "created_at": now_rfc3339(), "message": message});

@@ -38,8 +38,9 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// Fields both completion routes take.
-#[derive(Debug, Deserialize)]
+/// Fields both completion routes take (copied out of the bodies; the bodies list them
+/// inline, not with `serde(flatten)`, so that type errors keep the field's name).
+#[derive(Debug)]
 struct Common {
     model: String,
     max_tokens: Option<u32>,
@@ -47,23 +48,69 @@ struct Common {
     top_p: Option<f32>,
     n: Option<u32>,
     stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
+    include_usage: bool,
     stop: Option<Stop>,
     seed: Option<i64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     logit_bias: Option<HashMap<String, f32>>,
     user: Option<String>,
-    // Extensions in vLLM's spelling.
     top_k: Option<i64>,
     min_p: Option<f32>,
     repetition_penalty: Option<f32>,
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct ChatBody {
-    #[serde(flatten)]
-    common: Common,
+/// Declares a request body with the common fields plus `extra` ones.
+macro_rules! body_with_common {
+    ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+        #[derive(Debug, Deserialize)]
+        pub(crate) struct $name {
+            model: String,
+            max_tokens: Option<u32>,
+            temperature: Option<f32>,
+            top_p: Option<f32>,
+            n: Option<u32>,
+            stream: Option<bool>,
+            stream_options: Option<StreamOptions>,
+            stop: Option<Stop>,
+            seed: Option<i64>,
+            presence_penalty: Option<f32>,
+            frequency_penalty: Option<f32>,
+            logit_bias: Option<HashMap<String, f32>>,
+            user: Option<String>,
+            // Extensions in vLLM's spelling.
+            top_k: Option<i64>,
+            min_p: Option<f32>,
+            repetition_penalty: Option<f32>,
+            $($field: $ty),*
+        }
+
+        impl $name {
+            fn common(&mut self) -> Common {
+                Common {
+                    model: std::mem::take(&mut self.model),
+                    max_tokens: self.max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: self.n,
+                    stream: self.stream,
+                    include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+                    stop: self.stop.take(),
+                    seed: self.seed,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    logit_bias: self.logit_bias.take(),
+                    user: self.user.take(),
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
+                }
+            }
+        }
+    };
+}
+
+body_with_common!(ChatBody {
     messages: Vec<Value>,
     max_completion_tokens: Option<u32>,
     logprobs: Option<bool>,
@@ -72,7 +119,7 @@ pub(crate) struct ChatBody {
     tool_choice: Option<Value>,
     response_format: Option<Value>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-}
+});
 
 /// `prompt`: text, texts, ids, or lists of ids.
 #[derive(Debug, Deserialize)]
@@ -84,16 +131,13 @@ enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct CompletionBody {
-    #[serde(flatten)]
-    common: Common,
+body_with_common!(CompletionBody {
     prompt: Prompt,
     suffix: Option<String>,
     logprobs: Option<u32>,
     echo: Option<bool>,
     response_format: Option<Value>,
-}
+});
 
 fn sampling(c: &Common, vocab: usize) -> Result<Sampling, ApiError> {
     let mut logit_bias = Vec::new();
@@ -254,10 +298,11 @@ fn first_error(outcomes: &[Outcome]) -> Option<ApiError> {
 pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<ChatBody>,
+    ApiJson(mut body): ApiJson<ChatBody>,
 ) -> Res {
     let arrived = Instant::now();
-    let c = &body.common;
+    let common = body.common();
+    let c = &common;
     check_model(&state, c).map_err(err)?;
     let vocab = state.model.tokenizer.vocab_size();
     let sampling = sampling(c, vocab).map_err(err)?;
@@ -333,6 +378,9 @@ pub(crate) async fn chat_completions(
                 completion_tokens += o.completion_tokens;
                 let mut message = json!({"role": "assistant", "content": text});
                 if !o.tool_calls.is_empty() {
+                    // Text before the calls, without the white space that separated them.
+                    let text = text.trim();
+                    message["content"] = json!(text);
                     message["tool_calls"] = Value::Array(tool_calls_json(&o.tool_calls, &format!("{rid}{i}")));
                     if text.is_empty() {
                         message["content"] = Value::Null;
@@ -353,7 +401,7 @@ pub(crate) async fn chat_completions(
         });
         return Ok(with_request_id(axum::Json(out).into_response(), &rid));
     }
-    let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let include_usage = c.include_usage;
     let n_choices = streams.len();
     let chunk = move |choices: Value| {
         let mut v = json!({
@@ -426,10 +474,11 @@ fn with_request_id(mut res: Response, rid: &str) -> Response {
 pub(crate) async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<CompletionBody>,
+    ApiJson(mut body): ApiJson<CompletionBody>,
 ) -> Res {
     let arrived = Instant::now();
-    let c = &body.common;
+    let common = body.common();
+    let c = &common;
     check_model(&state, c).map_err(err)?;
     let vocab = state.model.tokenizer.vocab_size();
     let sampling = sampling(c, vocab).map_err(err)?;
@@ -518,7 +567,7 @@ pub(crate) async fn completions(
         });
         return Ok(with_request_id(axum::Json(out).into_response(), &rid));
     }
-    let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let include_usage = c.include_usage;
     let n_choices = streams.len();
     let chunk = move |choices: Value| {
         let mut v = json!({"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": fingerprint(), "choices": choices});

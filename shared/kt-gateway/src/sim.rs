@@ -87,6 +87,44 @@ impl Default for SimConfig {
     }
 }
 
+impl SimConfig {
+    /// A sim for `card`'s tokenizer: its vocabulary size and context, drawing tokens whose
+    /// text is one ASCII letter or digit (each token then shows as text at once).
+    pub fn for_model(card: &crate::ModelCard) -> Self {
+        let tok = &card.tokenizer;
+        let vocab: Vec<u32> = (0..tok.vocab_size() as u32)
+            .filter(|&id| !tok.is_special(id) && !tok.is_eog(id))
+            .filter(|&id| {
+                tok.token_to_piece(id, true)
+                    .is_ok_and(|p| p.len() == 1 && p[0].is_ascii_alphanumeric())
+            })
+            .collect();
+        Self {
+            model: card.name.clone(),
+            arch: card.facts.arch.clone(),
+            max_context: card.facts.context_length.unwrap_or(4096),
+            vocab_size: tok.vocab_size() as u32,
+            vocab,
+            ..Self::default()
+        }
+    }
+}
+
+impl SimReply {
+    /// Replies `reply` (text, tokenized with special tokens parsed) when the prompt contains
+    /// `needle` — as a word at the start of a line or after a space (both tokenizations are
+    /// registered).
+    pub fn text(card: &crate::ModelCard, needle: &str, reply: &str) -> Vec<SimReply> {
+        let tok = &card.tokenizer;
+        let reply = tok.encode_with(reply, false, true).unwrap_or_default();
+        [needle.to_owned(), format!(" {needle}")]
+            .iter()
+            .filter_map(|n| tok.encode_with(n, false, false).ok())
+            .map(|needle| SimReply { needle, reply: reply.clone() })
+            .collect()
+    }
+}
+
 /// When the sim received a request and sent each of its tokens.
 #[derive(Debug, Clone)]
 pub struct Timeline {
