@@ -11,6 +11,7 @@ import re
 import time
 
 import pytest
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -44,7 +45,17 @@ def el(d, id_):
 
 
 def wait(d, cond, timeout=30, what="condition"):
-    return WebDriverWait(d, timeout, poll_frequency=0.05).until(lambda _: cond(), message=what)
+    try:
+        return WebDriverWait(d, timeout, poll_frequency=0.05).until(lambda _: cond())
+    except TimeoutException:
+        m = last_assistant(d)
+        seen = {
+            "state": m.get_attribute("data-state") if m else None,
+            "reply": m.text[-300:] if m else None,
+            "error": d.find_element(By.ID, "error-text").text,
+            "status": d.find_element(By.ID, "status").text,
+        }
+        raise AssertionError(f"{what}: not within {timeout} s; page: {seen}") from None
 
 
 def last_assistant(d):
@@ -87,8 +98,9 @@ def page(driver, cluster):
     open_page(driver, cluster, cluster.key)
     wait(driver, lambda: len(el(driver, "model").find_elements(By.TAG_NAME, "option")) > 0, 30,
          "the model picker filled from /v1/models")
-    # Settings that keep answers within the tiny model's 128-token context.
-    set_field(driver, "max-tokens", 48)
+    # Short prompts and answers: the tiny model has a 128-token context, its byte-level
+    # vocabulary spends about a token per character, and its chat template about 40 tokens.
+    set_field(driver, "max-tokens", 4)
     set_field(driver, "temperature", 0.8)
     set_field(driver, "seed", 11)
     return driver
@@ -125,48 +137,68 @@ def test_api_key_is_asked_for_then_models_are_listed(driver, cluster):
     assert options == ids
 
 
+def slow_network(d):
+    """About 1.5 kB/s (some 8 SSE chunks a second) in the browser, as a large model would stream
+    (the tiny model answers its few tokens in milliseconds)."""
+    d.set_network_conditions(offline=False, latency=5, download_throughput=1500,
+                             upload_throughput=1_000_000)
+
+
 def test_streams_a_reply(page):
-    send(page, "Tell me a story about a cat.")
-    wait(page, lambda: state(page) == "done", 60, "the reply finished")
+    set_field(page, "max-tokens", 40)
+    slow_network(page)
+    try:
+        page.execute_script("window.__kt.snaps = []")
+        send(page, "Hi")
+        wait(page, lambda: state(page) == "done", 60, "the reply finished")
+    finally:
+        page.delete_network_conditions()
+        set_field(page, "max-tokens", 4)
     snaps = page.execute_script("return window.__kt.snaps")
     partial = [s for s in snaps if s["state"] == "streaming" and s["text"]]
     final = last_assistant(page).find_element(By.CLASS_NAME, "body").text
     assert final.strip(), snaps
-    # Tokens arrived one after another: several growing partial texts before the end.
-    assert len({s["text"] for s in partial}) >= 3, snaps
+    # Tokens arrived while the answer was still streaming: the text was shown and grew before
+    # the end (the throttled browser hands data over in bursts of a few chunks).
+    assert len({s["text"] for s in partial}) >= 2, snaps
     lengths = [len(s["text"]) for s in partial]
     assert lengths == sorted(lengths), lengths
+    assert snaps[-1]["chunks"] >= 10, snaps[-1]
     assert el(page, "send").is_enabled() and not el(page, "stop").is_enabled()
     assert "Done" in el(page, "status").text
 
 
 def test_multi_turn_history_and_sampling_settings(page):
+    el(page, "new-chat").click()
+    send(page, "Hi")
+    wait(page, lambda: state(page) == "done", 60, "the first reply finished")
     set_field(page, "temperature", 0.5)
     set_field(page, "top-p", 0.9)
-    set_field(page, "max-tokens", 24)
+    set_field(page, "max-tokens", 6)
     set_field(page, "seed", 7)
     first = page.execute_script("return KT.state.history[1].content")
-    send(page, "And then?")
+    send(page, "More")
     wait(page, lambda: state(page) == "done", 60, "the second reply finished")
     req = page.execute_script("return window.__kt.requests")[-1]
     assert req["url"].endswith("/v1/chat/completions")
     body = req["body"]
     assert body["stream"] is True
     assert body["model"] == el(page, "model").get_attribute("value")
-    assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (0.5, 0.9, 24, 7)
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (0.5, 0.9, 6, 7)
     roles = [m["role"] for m in body["messages"]]
     assert roles == ["user", "assistant", "user"], roles
-    assert body["messages"][0]["content"] == "Tell me a story about a cat."
-    assert body["messages"][2]["content"] == "And then?"
+    assert body["messages"][0]["content"] == "Hi"
+    assert body["messages"][2]["content"] == "More"
     assert body["messages"][1]["content"] == first and first
     assert len(page.find_elements(By.CSS_SELECTOR, "#messages .msg")) == 4
+    set_field(page, "max-tokens", 4)
 
 
 def test_same_seed_same_answer_in_a_new_chat(page):
     answers = []
     for _ in range(2):
         el(page, "new-chat").click()
-        send(page, "Same question, same seed.")
+        send(page, "Seed")
         wait(page, lambda: state(page) == "done", 60, "reply finished")
         answers.append(page.execute_script("return KT.state.history[1].content"))
     assert answers[0] == answers[1] and answers[0], answers
@@ -176,12 +208,10 @@ def test_stop_ends_a_generation(page):
     el(page, "new-chat").click()
     set_field(page, "max-tokens", 64)
     set_field(page, "seed", "")
-    # Slow the response down in the browser (about 10 chunks/s) so there is time to stop.
-    page.set_network_conditions(offline=False, latency=5, download_throughput=1500,
-                                upload_throughput=1_000_000)
+    slow_network(page)  # so that there is time to stop
     try:
         page.execute_script("window.__kt.snaps = []")
-        send(page, "Write a very long answer.")
+        send(page, "Go")
         wait(page, lambda: int(last_assistant(page).get_attribute("data-chunks") or 0) >= 2, 30,
              "the first chunks")
         assert el(page, "stop").is_enabled()
@@ -239,14 +269,14 @@ def test_a_bad_parameter_shows_the_servers_message(page):
     el(page, "new-chat").click()
     set_field(page, "temperature", 5)
     try:
-        send(page, "This request is invalid.")
+        send(page, "Bad")
         wait(page, lambda: state(page) == "error", 30, "the error state")
         shown = el(page, "error-text").text
         assert el(page, "error").is_displayed()
         assert "400" in shown and "temperature" in shown.lower(), shown
         # The failed turn is not kept; its text is back in the box for a retry.
         assert page.execute_script("return KT.state.history.length") == 0
-        assert el(page, "prompt").get_attribute("value") == "This request is invalid."
+        assert el(page, "prompt").get_attribute("value") == "Bad"
         assert el(page, "send").is_enabled()
     finally:
         set_field(page, "temperature", 0.8)
@@ -258,7 +288,7 @@ def test_a_failed_server_shows_an_error(page, cluster):
         pytest.skip("cannot stop the worker of an external gateway")
     el(page, "new-chat").click()
     cluster.stop("worker")
-    send(page, "Is anyone there?")
+    send(page, "Hello?")
     wait(page, lambda: state(page) == "error", 60, "an error once the worker is gone")
     shown = el(page, "error-text").text
     assert el(page, "error").is_displayed()

@@ -1,7 +1,8 @@
 """docker-compose.yml with real containers: nginx → 2 gateways → worker → 2 expert servers.
 
 From a clean state `up -d`; the official `openai` client streams a chat completion through the
-load balancer; the worker and the expert servers share one /dev/shm; a killed gateway does not
+load balancer; the worker and the expert servers share one /dev/shm and the worker uses it
+for expert-numa1 (expert-numa0 is made gRPC-only by numa0-remote.yml, as on another host); a killed gateway does not
 fail requests; an expert server killed mid-stream ends that request with a clear error, nothing
 hangs, and after `start` it serves again with no worker restart; the worker cut off from an
 expert server (`docker network disconnect`) gets a clear error within a bounded time and
@@ -13,6 +14,7 @@ compose project with a unique name; it is always taken down at the end.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -48,10 +50,15 @@ def free_port():
 
 class Compose:
     def __init__(self):
-        self.cmd = compose_cmd() + ["-f", str(ROOT / "docker-compose.yml"), "-p", PROJECT]
+        self.cmd = compose_cmd() + ["-f", str(ROOT / "docker-compose.yml"),
+                                    "-f", str(Path(__file__).parent / "numa0-remote.yml"),
+                                    "-p", PROJECT]
         self.port = free_port()
         self.env = {**os.environ, "COMPOSE_PROJECT_NAME": PROJECT,
-                    "KT_HTTP_BIND": "127.0.0.1", "KT_HTTP_PORT": str(self.port)}
+                    "KT_HTTP_BIND": "127.0.0.1", "KT_HTTP_PORT": str(self.port),
+                    # A stalled expert server fails the requests that wait on it after this
+                    # many seconds (the worker's setting, passed through by compose).
+                    "KT_WORKER_EXPERT_TIMEOUT": os.environ.get("KT_WORKER_EXPERT_TIMEOUT", "10")}
         self.url = f"http://127.0.0.1:{self.port}"
 
     def run(self, *args, check=True, timeout=600):
@@ -193,6 +200,11 @@ def test_worker_and_experts_share_dev_shm(cluster):
         assert len(facts) == 1 and facts.pop().endswith("shared"), facts
     finally:
         docker("exec", experts[0], "rm", "-f", f"/dev/shm/{probe}", check=False)
+    # And the worker does use it for expert-numa1 (numa0 is gRPC-only in this test, see
+    # numa0-remote.yml).
+    log = cluster.run("logs", "--no-color", "worker").stdout
+    links = dict(re.findall(r"connected to expert server .*?name=(\w+) transport=Some\((\w+)\)", log))
+    assert links == {"numa0": "Grpc", "numa1": "Shm"}, log[-2000:]
 
 
 def test_a_killed_gateway_does_not_fail_requests(cluster):
@@ -214,7 +226,7 @@ def _stream_in_thread(cluster, outcome, max_tokens):
             client = cluster.client(timeout=ERROR_WITHIN + 30)
             model = client.models.list().data[0].id
             stream = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "Write a long story."}],
+                model=model, messages=[{"role": "user", "content": "Go"}],  # short: a 128-token context
                 max_tokens=max_tokens, temperature=0.8, stream=True)
             for chunk in stream:
                 for choice in chunk.choices:
@@ -251,7 +263,7 @@ def test_expert_killed_mid_stream(cluster):
     # Slow the expert server down so the stream is still running when it is killed.
     _throttle(victim, 0.01)
     outcome = {}
-    t = _stream_in_thread(cluster, outcome, max_tokens=80)
+    t = _stream_in_thread(cluster, outcome, max_tokens=64)
     deadline = time.monotonic() + 60
     while "first" not in outcome and "end" not in outcome and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -293,7 +293,11 @@ def test_compose_addresses_and_plan():
     assert lb == "gateway:" + listen_port("gateway", "KT_GATEWAY_LISTEN")
     # Worker and expert servers mount the same shared /dev/shm volume.
     for s in ("worker", "expert-numa0", "expert-numa1"):
-        assert "shm:/dev/shm" in svcs[s]["volumes"], s
+        shm = [v for v in svcs[s]["volumes"] if isinstance(v, dict) and v["target"] == "/dev/shm"]
+        assert len(shm) == 1 and shm[0]["source"] == "shm", s
+        # Not a copy of the image's /dev/shm (root 0755) but the volume's own 1777.
+        assert shm[0]["volume"] == {"nocopy": True}, s
+    assert "mode=1777" in doc["volumes"]["shm"]["driver_opts"]["o"]
     assert doc["networks"]["back"]["internal"] is True
 
 
