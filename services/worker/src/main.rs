@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use kt_worker::setup::{ExpertAddr, ModelOptions};
-use kt_worker::{CpuBackend, Engine, EngineOptions, KvSize, WorkerService};
+use kt_worker::{CpuBackend, CudaBackend, Engine, EngineOptions, KvSize, WorkerService};
 
 /// Environment variable names of the flags (one place, as STYLE.md asks).
 mod env {
@@ -43,7 +43,8 @@ struct Args {
     /// Placement plan (rules/*.yaml): names the expert servers that --expert gives addresses.
     #[arg(long, env = env::PLAN)]
     plan: Option<PathBuf>,
-    /// Device to compute on: cpu (cuda:N once the CUDA backend is built in).
+    /// Device to compute on: cpu, or cuda:N (attention, dense layers and the KV cache on GPU
+    /// N in bf16; routed experts stay on the CPU tier).
     #[arg(long, env = env::DEVICE, default_value = "cpu")]
     device: String,
     /// An expert server holding routed experts, NAME=ADDR (repeat, or comma-separate in the
@@ -86,14 +87,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    match args.device.as_str() {
-        "cpu" => {}
-        d if d.starts_with("cuda:") => anyhow::bail!(
-            "--device {d}: the CUDA backend is not available in this build of kt-worker; \
-             use --device cpu"
-        ),
-        d => anyhow::bail!("--device {d}: expected cpu or cuda:N"),
-    }
+    let gpu: Option<usize> = match args.device.as_str() {
+        "cpu" => None,
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Some(n),
+            _ => anyhow::bail!("--device {d}: expected cpu or cuda:N"),
+        },
+    };
     if !(args.expert_timeout > 0.0 && args.expert_timeout.is_finite()) {
         anyhow::bail!(
             "--expert-timeout {}: must be a positive number of seconds",
@@ -119,11 +119,18 @@ fn main() -> anyhow::Result<()> {
             KvSize::Bytes((gib * (1u64 << 30) as f64) as usize)
         }
     };
-    let backend = CpuBackend::sized(model, args.block_tokens, size, args.max_batch);
-    let engine = Engine::start(
-        backend,
-        EngineOptions { max_batch: args.max_batch, max_batch_tokens: args.max_batch_tokens },
-    )?;
+    let engine_opts =
+        EngineOptions { max_batch: args.max_batch, max_batch_tokens: args.max_batch_tokens };
+    let engine = match gpu {
+        None => Engine::start(
+            CpuBackend::sized(model, args.block_tokens, size, args.max_batch),
+            engine_opts,
+        )?,
+        Some(n) => Engine::start(
+            CudaBackend::open(model, n, args.block_tokens, size, args.max_batch)?,
+            engine_opts,
+        )?,
+    };
     let m = engine.model();
     tracing::info!(
         model = %loaded.name,

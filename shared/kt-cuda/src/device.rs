@@ -77,6 +77,8 @@ pub struct Gpu {
     arena: CudaSlice<u8>,
     arena_used: Cell<usize>,
     overflow: RefCell<Vec<CudaSlice<u8>>>,
+    /// The last f32 → bf16 conversion of this step: (source, elements, bf16 copy).
+    last_bf16: Cell<Option<(u64, usize, Dev)>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -153,6 +155,7 @@ impl Gpu {
             arena,
             arena_used: Cell::new(0),
             overflow: RefCell::new(Vec::new()),
+            last_bf16: Cell::new(None),
         })
     }
 
@@ -181,6 +184,20 @@ impl Gpu {
     pub(crate) fn reset_scratch(&self) {
         self.arena_used.set(0);
         self.overflow.borrow_mut().clear();
+        self.last_bf16.set(None);
+    }
+
+    /// The bf16 copy of `n` values at `src` made earlier in this step, if it is the last one
+    /// made. Sound because no kernel writes in place to a buffer after it fed a product.
+    pub(crate) fn bf16_of(&self, src: u64, n: usize) -> Option<Dev> {
+        match self.last_bf16.get() {
+            Some((s, len, d)) if s == src && len == n => Some(d),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn remember_bf16(&self, src: u64, n: usize, copy: Dev) {
+        self.last_bf16.set(Some((src, n, copy)));
     }
 
     /// A buffer of `n` elements for a kernel or GEMM to fill completely (not cleared: no
@@ -210,14 +227,21 @@ impl Gpu {
 
     /// The first `n` values of a scratch buffer, once the work before it is done.
     pub(crate) fn get(&self, d: Dev, n: usize) -> Result<Vec<f32>, CudaError> {
-        let mut v = vec![0f32; n];
-        // SAFETY: the caller's buffer holds at least `n` values; the copy is complete when
-        // the stream synchronizes, before `v` is returned.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut v, d.ptr, self.stream.cu_stream())
-        }?;
+        Ok(self.get_many(&[(d, n)])?.pop().unwrap_or_default())
+    }
+
+    /// Several scratch buffers' first values, with one wait for the stream.
+    pub(crate) fn get_many(&self, parts: &[(Dev, usize)]) -> Result<Vec<Vec<f32>>, CudaError> {
+        let mut out: Vec<Vec<f32>> = parts.iter().map(|&(_, n)| vec![0f32; n]).collect();
+        for (v, &(d, _)) in out.iter_mut().zip(parts) {
+            // SAFETY: `v` holds as many values as the caller says the buffer has; the copies
+            // are complete when the stream synchronizes, before `out` is returned.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(v, d.ptr, self.stream.cu_stream())
+            }?;
+        }
         self.sync()?;
-        Ok(v)
+        Ok(out)
     }
 
     pub(crate) fn sync(&self) -> Result<(), CudaError> {

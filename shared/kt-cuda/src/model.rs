@@ -81,9 +81,16 @@ impl GpuLinear {
                 (1, 0, 0, 0),
             )?,
             Weights::Bf16(w) => {
-                // Round the activations to bf16 for the tensor-core product.
-                let xb = gpu.scratch::<u16>(n * self.inp)?;
-                if ldx == self.inp {
+                // Round the activations to bf16 for the tensor-core product (once per input:
+                // q/kv_a, gate/up and the shared expert read the same normed hidden states).
+                let cached = gpu.bf16_of(x, n * self.inp).filter(|_| ldx == self.inp);
+                let xb = match cached {
+                    Some(xb) => xb,
+                    None => gpu.scratch::<u16>(n * self.inp)?,
+                };
+                if cached.is_some() {
+                } else if ldx == self.inp {
+                    gpu.remember_bf16(x, n * self.inp, xb);
                     gpu.launch_1d(
                         &gpu.k.to_bf16,
                         n * self.inp,
@@ -842,8 +849,8 @@ impl CudaModel {
         };
         let h = self.model.config.hidden;
         let logits = m.router.forward(g, g.ptr(y), h, n)?;
-        let logits = g.get(logits, n * cfg.n_experts)?;
-        let hidden = g.get(*y, n * h)?;
+        let mut host = g.get_many(&[(logits, n * cfg.n_experts), (*y, n * h)])?;
+        let (hidden, logits) = (host.pop().unwrap_or_default(), host.pop().unwrap_or_default());
         // The shared experts are queued on the GPU first and run while the CPU tier
         // computes the routed experts.
         let shared = match &m.shared {

@@ -42,6 +42,9 @@ pub enum ModelError {
     /// The KV cache has too few free blocks for a step; nothing was run.
     #[error("KV cache full: the step needs {needed} blocks, {free} free")]
     KvFull { needed: usize, free: usize },
+    /// The device a backend computes on failed (a CUDA error, out of device memory).
+    #[error("device: {0}")]
+    Device(String),
     #[error("input: {0}")]
     Input(String),
     /// The routed experts could not answer (an expert server died, stalled or refused).
