@@ -352,30 +352,38 @@ struct K4Block {
     dmin: f32,
 }
 
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn k4_unpack(x: &[u8], qs: usize, hbits: &impl Fn(&[u8], usize) -> __m512i) -> K4Block {
-    {
+///
+/// # Safety
+/// The CPU must have the features of [`super::Isa::Vnni`] (only called from this module's
+/// `#[target_feature]` kernels). Not itself a `#[target_feature]` function so that it can be
+/// `#[inline(always)]`: a K4Block returned through memory would cost more than the unpacking.
+#[inline(always)]
+unsafe fn k4_unpack(x: &[u8], qs: usize, hbits: &impl Fn(&[u8], usize) -> __m512i) -> K4Block {
+    // SAFETY: the caller guarantees the CPU features (see the function's contract).
+    unsafe {
         let m4 = _mm256_set1_epi8(0xF);
         let (sc, mn) = k4_scales_mins_u64(x);
         let sv = _mm_cvtsi64_si128(sc as i64);
-        let s = std::array::from_fn(|j| {
+        // Plain loops rather than `array::from_fn`, which is not always inlined here.
+        let mut s = [_mm512_setzero_si512(); 4];
+        for (j, s) in s.iter_mut().enumerate() {
             let idx = _mm_set_epi64x(
                 0x0101_0101_0101_0101 * (2 * j as i64 + 1),
                 0x0101_0101_0101_0101 * (2 * j as i64),
             );
-            _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sv, idx))
-        });
+            *s = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(sv, idx));
+        }
         let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
             _mm_cvtsi64_si128(mn as i64),
             _mm_set_epi64x(0x0707_0606_0505_0404, 0x0303_0202_0101_0000),
         ));
-        let q = std::array::from_fn(|j| {
+        let mut q = [_mm512_setzero_si512(); 4];
+        for (j, q) in q.iter_mut().enumerate() {
             let q4 = ld256(x, qs + 32 * j);
             let lo = _mm256_and_si256(q4, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-            _mm512_or_si512(join(lo, hi), hbits(x, j))
-        });
+            *q = _mm512_or_si512(join(lo, hi), hbits(x, j));
+        }
         K4Block { q, s, mins, d: f16_at(x, 0), dmin: f16_at(x, 2) }
     }
 }
@@ -434,7 +442,8 @@ fn k4_row<const G: usize>(
         let mut macc = [_mm256_setzero_ps(); G];
         for b in 0..nb {
             prefetch_ahead(x, bytes * b, bytes, dist);
-            let blk = k4_unpack(&x[bytes * b..bytes * (b + 1)], qs, hbits);
+            // SAFETY: this function's `#[target_feature]` set is that of `Isa::Vnni`.
+            let blk = unsafe { k4_unpack(&x[bytes * b..bytes * (b + 1)], qs, hbits) };
             for t in 0..G {
                 let y = &ys[t][292 * b..292 * (b + 1)];
                 let yd = f32_at(y, 0);
@@ -451,7 +460,11 @@ fn k4_row<const G: usize>(
                     _mm256_fmadd_ps(_mm256_set1_ps(blk.dmin * yd), _mm256_cvtepi32_ps(m), macc[t]);
             }
         }
-        std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - hsum256_ps(macc[t]))
+        let mut out = [0f32; G];
+        for t in 0..G {
+            out[t] = _mm512_reduce_add_ps(acc[t]) - hsum256_ps(macc[t]);
+        }
+        out
     }
 }
 
@@ -488,18 +501,13 @@ fn k4_tile(
     let mut t0 = 0;
     while t0 < tokens {
         let g = group_of(tokens - t0);
+        let ys8: [&[u8]; 8] = std::array::from_fn(|i| row((t0 + i).min(tokens - 1)));
         for (r, x) in w.chunks_exact(wrb).enumerate().take(rows) {
             macro_rules! go {
                 ($g:literal) => {{
-                    let v = k4_row::<$g>(
-                        x,
-                        nb,
-                        bytes,
-                        std::array::from_fn(|i| row(t0 + i)),
-                        qs,
-                        &hbits,
-                        dist,
-                    );
+                    let mut ys: [&[u8]; $g] = [&[]; $g];
+                    ys.copy_from_slice(&ys8[..$g]);
+                    let v = k4_row::<$g>(x, nb, bytes, ys, qs, &hbits, dist);
                     for (i, v) in v.into_iter().enumerate() {
                         out[(t0 + i) * ldo + r] = v;
                     }
@@ -716,7 +724,10 @@ fn q8_row<const G: usize>(
                 acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, pp.da), _mm512_cvtepi32_ps(s), acc[t]);
             }
         }
-        let mut out: [f32; G] = std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]));
+        let mut out = [0f32; G];
+        for t in 0..G {
+            out[t] = _mm512_reduce_add_ps(acc[t]);
+        }
         if nb % 2 == 1 {
             let b = nb - 1;
             let xb = &x[bytes * b..bytes * (b + 1)];
@@ -773,10 +784,12 @@ fn q8_tile(
                 });
             }
         }
+        let ys8: [&[u8]; 8] = std::array::from_fn(|i| row((t0 + i).min(tokens - 1)));
         for (r, x) in w.chunks_exact(wrb).enumerate().take(rows) {
             macro_rules! go {
                 ($g:literal) => {{
-                    let ys = std::array::from_fn(|i| row(t0 + i));
+                    let mut ys: [&[u8]; $g] = [&[]; $g];
+                    ys.copy_from_slice(&ys8[..$g]);
                     let v = q8_row::<$g>(x, nb, bytes, &prep, ys, c, &unpack, dist);
                     for (i, v) in v.into_iter().enumerate() {
                         out[(t0 + i) * ldo + r] = v;
