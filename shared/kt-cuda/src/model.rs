@@ -502,6 +502,9 @@ impl CudaModel {
             last_rows.push((ids.len() - 1) as i32);
         }
         let g = &self.gpu;
+        // The scheduler calls from its own thread: make the context current there (the raw
+        // copies below do not do it themselves).
+        g.ctx.bind_to_thread()?;
         // The previous step's intermediate buffers are free again.
         g.reset_scratch();
         let rows = ids.len();
@@ -902,6 +905,7 @@ pub fn matmul(
         .into());
     }
     let lin = GpuLinear::from_f32(gpu, w, out, inp, None, dtype)?;
+    gpu.ctx.bind_to_thread()?;
     gpu.reset_scratch();
     let xd = gpu.put(x)?;
     let y = lin.forward(gpu, gpu.ptr(&xd), inp, n)?;

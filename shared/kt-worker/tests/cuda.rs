@@ -72,7 +72,14 @@ fn concurrent_sequences_on_the_gpu_equal_the_cpu_alone() {
             let (tokens, finished) = collect(events);
             let (want, reason) = alone(&model, r);
             let ids = |t: &[kt_worker::Token]| t.iter().map(|t| t.id).collect::<Vec<_>>();
-            assert_eq!(ids(&tokens), ids(&want), "{name} {}: tokens differ from the CPU", r.id);
+            assert_eq!(
+                ids(&tokens),
+                ids(&want),
+                "{name} {}: tokens differ from the CPU ({:?}: {})",
+                r.id,
+                finished.reason,
+                finished.message
+            );
             assert_eq!(finished.reason, reason);
             for (a, b) in tokens.iter().zip(&want) {
                 worst = worst.max((a.logprob - b.logprob).abs());
