@@ -9,6 +9,7 @@ use kt_expert::bench::{self, BenchConfig, Measurement, Transport};
 use kt_expert::WireDType;
 
 mod experts;
+mod gateway;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -24,6 +25,9 @@ enum BenchCommand {
     /// One MoE layer's routed experts: µs per call, GB/s of expert weights (and share of the
     /// measured DRAM read bandwidth), TFLOPS, per token count and kernel schedule.
     Experts(experts::ExpertsArgs),
+    /// The gateway's own added latency (p50/p99 to first token and per token) and its
+    /// throughput at 1, 64 and 256 streams, against a simulated worker at a fixed rate.
+    Gateway(gateway::GatewayArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -72,6 +76,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.command {
         BenchCommand::Transport(a) => transport(a),
         BenchCommand::Experts(a) => experts::run(a),
+        BenchCommand::Gateway(a) => gateway::run(a),
     }
 }
 

@@ -1,1 +1,242 @@
-//! placeholder
+//! `kt bench gateway`: the gateway's own added latency and its throughput, against a
+//! simulated worker that streams tokens at a fixed rate.
+//!
+//! Everything runs in this process on one tokio runtime with as many threads as CPUs: the sim
+//! worker behind a real TCP gRPC socket, the gateway on a real HTTP socket, and N clients,
+//! each keeping one streaming `/v1/chat/completions` request open at a time (HTTP/1.1,
+//! keep-alive). The sim records when it received each request and when it handed each token
+//! to gRPC; clients record when each token's SSE event arrived. Then, per request:
+//!
+//! * added time to first token = (client's first token − client's send) − (sim's first token
+//!   − sim's receipt): everything the gateway path adds (HTTP parse, template, tokenize,
+//!   admission, routing, gRPC both ways, detokenize, SSE), but not the simulated prefill;
+//! * added time per token = client's arrival of token i − sim's send of token i.
+//!
+//! The client's own parsing and the sim's gRPC encoding are counted as "added" too, and on a
+//! small machine all three parts compete for the same cores, so these are upper bounds on
+//! the gateway's share. Throughput is generated tokens received by all clients per second of
+//! wall time.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use kt_proto::v1::worker_server::WorkerServer;
+
+use crate::error::GatewayError;
+use crate::sim::{SimConfig, SimWorker};
+use crate::{Gateway, GatewayConfig, ModelCard, WorkerEndpoint};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Concurrent streams per level.
+    pub concurrency: Vec<usize>,
+    /// Tokens generated per request.
+    pub tokens: u32,
+    /// The sim's time between tokens of one stream.
+    pub token_interval: Duration,
+    /// The sim's time to the first token.
+    pub first_token_delay: Duration,
+    /// Wall time per level (clients start new requests until it is over).
+    pub duration: Duration,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: vec![1, 64, 256],
+            tokens: 64,
+            token_interval: Duration::from_millis(5),
+            first_token_delay: Duration::from_millis(0),
+            duration: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One level's numbers (latencies in µs).
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub tokens: u64,
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    /// What one stream at the sim's rate would give × concurrency (the ceiling).
+    pub offered_tokens_per_s: f64,
+    pub ttft_added_p50_us: f64,
+    pub ttft_added_p99_us: f64,
+    pub token_added_p50_us: f64,
+    pub token_added_p99_us: f64,
+    /// Requests that failed (non-200 or an error event).
+    pub errors: usize,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// One request as the client saw it.
+struct Seen {
+    rid: String,
+    sent: Instant,
+    arrivals: Vec<Instant>,
+}
+
+async fn one_request(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    body: &Bytes,
+) -> Option<Seen> {
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", "bench")
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))
+        .ok()?;
+    let sent = Instant::now();
+    sender.ready().await.ok()?;
+    let res = sender.send_request(req).await.ok()?;
+    if res.status() != 200 {
+        return None;
+    }
+    let rid = res.headers().get("x-request-id")?.to_str().ok()?.to_owned();
+    let mut body = res.into_body();
+    let mut arrivals = Vec::with_capacity(128);
+    let mut carry = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let now = Instant::now();
+        let data = frame.ok()?.into_data().ok()?;
+        carry.extend_from_slice(&data);
+        // Count complete events carrying content; keep an incomplete tail.
+        let mut start = 0;
+        while let Some(pos) = carry[start..].windows(2).position(|w| w == b"\n\n") {
+            let event = &carry[start..start + pos];
+            if event.windows(12).any(|w| w == b"{\"content\":\"") {
+                arrivals.push(now);
+            }
+            if event.windows(9).any(|w| w == b"\"error\":{") {
+                return None;
+            }
+            start += pos + 2;
+        }
+        carry.drain(..start);
+    }
+    Some(Seen { rid, sent, arrivals })
+}
+
+async fn client(addr: SocketAddr, id: usize, until: Instant, tokens: u32) -> Vec<Seen> {
+    let mut out = Vec::new();
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return out };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+        return out;
+    };
+    tokio::spawn(conn);
+    let mut k = 0;
+    while Instant::now() < until {
+        let body = serde_json::json!({
+            "model": "bench",
+            "messages": [{"role": "user", "content": format!("client {id} request {k}")}],
+            "max_tokens": tokens, "temperature": 0, "stream": true,
+        });
+        k += 1;
+        match one_request(&mut sender, &Bytes::from(body.to_string())).await {
+            Some(s) => out.push(s),
+            None => out.push(Seen { rid: String::new(), sent: Instant::now(), arrivals: Vec::new() }),
+        }
+    }
+    out
+}
+
+/// Runs the levels, calling `on_row` after each. Needs no tokio runtime (it makes one).
+pub fn run(cfg: &BenchConfig, mut on_row: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>, GatewayError> {
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+    rt.block_on(async {
+        let mut card = ModelCard::embedded()?;
+        card.name = "bench".into();
+        let mut sc = SimConfig::for_model(&card);
+        sc.max_context = 8192;
+        sc.token_interval = cfg.token_interval;
+        sc.first_token_delay = cfg.first_token_delay;
+        sc.record_timeline = true;
+        sc.kv_blocks_total = 1 << 20;
+        let sim = SimWorker::new(sc);
+        let wl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let waddr = wl.local_addr()?;
+        let server = WorkerServer::new(sim.clone());
+        tokio::spawn(async move {
+            let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(wl), |s| {
+                s.inspect(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                })
+            });
+            let _ = tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming).await;
+        });
+        let worker = WorkerEndpoint::connect_lazy(&waddr.to_string())
+            .map_err(|e| GatewayError::Config { what: "bench worker".into(), reason: e.to_string() })?;
+        let max = cfg.concurrency.iter().copied().max().unwrap_or(1);
+        let gcfg = GatewayConfig { max_running: max * 2, max_queue: max * 2, ..GatewayConfig::default() };
+        let gateway = Gateway::new(gcfg, card, vec![worker])?;
+        gateway.check_workers().await;
+        let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let haddr = hl.local_addr()?;
+        tokio::spawn(gateway.serve(hl, std::future::pending()));
+        // Warm-up: connections, allocator, caches.
+        let warm = Instant::now() + Duration::from_millis(300);
+        let _ = futures::future::join_all((0..8).map(|i| client(haddr, i, warm, 8))).await;
+        let mut rows = Vec::new();
+        for &n in &cfg.concurrency {
+            let t0 = Instant::now();
+            let until = t0 + cfg.duration;
+            let seen = futures::future::join_all((0..n).map(|i| client(haddr, i, until, cfg.tokens))).await;
+            let wall_s = t0.elapsed().as_secs_f64();
+            let mut ttft = Vec::new();
+            let mut per_token = Vec::new();
+            let (mut requests, mut tokens, mut errors) = (0usize, 0u64, 0usize);
+            for s in seen.into_iter().flatten() {
+                requests += 1;
+                let timeline = sim.take_timeline(&s.rid);
+                let (Some(tl), false) = (timeline, s.rid.is_empty()) else {
+                    errors += 1;
+                    continue;
+                };
+                if s.arrivals.len() != tl.tokens.len() || s.arrivals.is_empty() {
+                    errors += 1;
+                    continue;
+                }
+                tokens += s.arrivals.len() as u64;
+                let client_ttft = s.arrivals[0].duration_since(s.sent).as_secs_f64();
+                let sim_ttft = tl.tokens[0].duration_since(tl.received).as_secs_f64();
+                ttft.push((client_ttft - sim_ttft) * 1e6);
+                for (a, t) in s.arrivals.iter().zip(&tl.tokens) {
+                    per_token.push(a.saturating_duration_since(*t).as_secs_f64() * 1e6);
+                }
+            }
+            let row = BenchRow {
+                concurrency: n,
+                requests,
+                tokens,
+                wall_s,
+                tokens_per_s: tokens as f64 / wall_s,
+                offered_tokens_per_s: n as f64 / cfg.token_interval.as_secs_f64().max(1e-9),
+                ttft_added_p50_us: pct(&mut ttft.clone(), 50.0),
+                ttft_added_p99_us: pct(&mut ttft, 99.0),
+                token_added_p50_us: pct(&mut per_token.clone(), 50.0),
+                token_added_p99_us: pct(&mut per_token, 99.0),
+                errors,
+            };
+            on_row(&row);
+            rows.push(row);
+        }
+        Ok(rows)
+    })
+}

@@ -1,0 +1,89 @@
+//! `kt bench gateway`: the gateway's own added latency (to first token, per token) and its
+//! throughput at several stream counts, against a simulated worker streaming at a fixed rate.
+//! The measuring is in `kt_gateway::bench`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use kt_gateway::bench::{self, BenchConfig, BenchRow};
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// Concurrent streams per level, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256", env = "KT_BENCH_CONCURRENCY")]
+    concurrency: Vec<usize>,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 64, env = "KT_BENCH_GATEWAY_TOKENS")]
+    tokens: u32,
+    /// The simulated worker's time between tokens of one stream, ms.
+    #[arg(long, default_value_t = 5.0, env = "KT_BENCH_TOKEN_INTERVAL_MS")]
+    token_interval_ms: f64,
+    /// Seconds per level.
+    #[arg(long, default_value_t = 5.0, env = "KT_BENCH_SECONDS")]
+    seconds: f64,
+    /// Print one JSON object on stdout instead of a table.
+    #[arg(long, env = "KT_BENCH_JSON")]
+    json: bool,
+}
+
+fn row_json(r: &BenchRow) -> serde_json::Value {
+    serde_json::json!({
+        "concurrency": r.concurrency, "requests": r.requests, "tokens": r.tokens,
+        "wall_s": r.wall_s, "tokens_per_s": r.tokens_per_s,
+        "offered_tokens_per_s": r.offered_tokens_per_s,
+        "ttft_added_p50_us": r.ttft_added_p50_us, "ttft_added_p99_us": r.ttft_added_p99_us,
+        "token_added_p50_us": r.token_added_p50_us, "token_added_p99_us": r.token_added_p99_us,
+        "errors": r.errors,
+    })
+}
+
+pub fn run(a: GatewayArgs) -> Result<()> {
+    if !(a.token_interval_ms > 0.0 && a.token_interval_ms.is_finite()) || !(a.seconds > 0.0 && a.seconds.is_finite()) {
+        anyhow::bail!("--token-interval-ms and --seconds must be positive numbers");
+    }
+    let cfg = BenchConfig {
+        concurrency: a.concurrency,
+        tokens: a.tokens,
+        token_interval: Duration::from_secs_f64(a.token_interval_ms / 1e3),
+        duration: Duration::from_secs_f64(a.seconds),
+        ..BenchConfig::default()
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        writeln!(
+            out,
+            "gateway added latency: sim worker at {} ms/token, {} tokens/request, streaming \
+             /v1/chat/completions; sim, gateway and clients share {cpus} CPUs",
+            a.token_interval_ms, a.tokens
+        )?;
+        writeln!(
+            out,
+            "{:>7} {:>8} {:>9} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>6}",
+            "streams", "requests", "tokens", "tok/s", "offered", "ttft p50 µs", "ttft p99 µs", "tok p50 µs", "tok p99 µs", "errors"
+        )?;
+        out.flush()?;
+    }
+    let json = a.json;
+    let rows = bench::run(&cfg, |r| {
+        if !json {
+            let _ = writeln!(
+                out,
+                "{:>7} {:>8} {:>9} {:>10.0} {:>10.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>6}",
+                r.concurrency, r.requests, r.tokens, r.tokens_per_s, r.offered_tokens_per_s,
+                r.ttft_added_p50_us, r.ttft_added_p99_us, r.token_added_p50_us, r.token_added_p99_us, r.errors
+            );
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "cpus": cpus, "token_interval_ms": a.token_interval_ms, "tokens": a.tokens,
+            "results": rows.iter().map(row_json).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{v}")?;
+    }
+    Ok(())
+}
