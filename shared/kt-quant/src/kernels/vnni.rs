@@ -807,19 +807,50 @@ fn q8_tile(
     }
 }
 
+/// Below this many tokens the Q8_0-family tiles call the single-row kernel pair by pair:
+/// preparing the activations costs more than it saves (measured: `q8_0_tile` with one or two
+/// tokens per call was the hot spot of the decode layer).
+const Q8_TILE_MIN_TOKENS: usize = 4;
+
+/// `vec_dot` pair by pair (the same results as the tiles: they reproduce it bit for bit).
+fn pairs_tile(
+    w: &[u8],
+    wrb: usize,
+    a: &[u8],
+    arb: usize,
+    out: &mut [f32],
+    ldo: usize,
+    f: fn(&[u8], &[u8]) -> f32,
+) {
+    for (t, at) in a.chunks_exact(arb).enumerate() {
+        for (r, wr) in w.chunks_exact(wrb).enumerate() {
+            out[t * ldo + r] = f(wr, at);
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    if a.len() / arb < Q8_TILE_MIN_TOKENS {
+        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q8_0);
+    }
     let flip = _mm256_set1_epi8(-128);
     q8_tile(w, wrb, a, arb, out, ldo, 34, -128, |x| _mm256_xor_si256(ld256(x, 2), flip))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    if a.len() / arb < Q8_TILE_MIN_TOKENS {
+        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q4_0);
+    }
     q8_tile(w, wrb, a, arb, out, ldo, 18, 8, |x| nibbles32(x, 2))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
+    if a.len() / arb < Q8_TILE_MIN_TOKENS {
+        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q5_0);
+    }
     q8_tile(w, wrb, a, arb, out, ldo, 22, 16, |x| q5_0_unpack(x))
 }
 
