@@ -44,7 +44,8 @@ struct Args {
     #[arg(long, env = env::PLAN)]
     plan: Option<PathBuf>,
     /// Device to compute on: cpu, or cuda:N (attention, dense layers and the KV cache on GPU
-    /// N in bf16; routed experts stay on the CPU tier).
+    /// N in bf16; routed experts stay on the CPU tier), or cuda:0,cuda:1,... (layers split
+    /// evenly across those GPUs).
     #[arg(long, env = env::DEVICE, default_value = "cpu")]
     device: String,
     /// An expert server holding routed experts, NAME=ADDR (repeat, or comma-separate in the
@@ -87,12 +88,18 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let gpu: Option<usize> = match args.device.as_str() {
+    let gpus: Option<Vec<usize>> = match args.device.as_str() {
         "cpu" => None,
-        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Some(n),
-            _ => anyhow::bail!("--device {d}: expected cpu or cuda:N"),
-        },
+        d => Some(
+            d.split(',')
+                .map(|one| match one.trim().strip_prefix("cuda:").map(str::parse::<usize>) {
+                    Some(Ok(n)) => Ok(n),
+                    _ => Err(anyhow::anyhow!(
+                        "--device {d}: expected cpu, cuda:N or cuda:N,cuda:M,..."
+                    )),
+                })
+                .collect::<anyhow::Result<_>>()?,
+        ),
     };
     if !(args.expert_timeout > 0.0 && args.expert_timeout.is_finite()) {
         anyhow::bail!(
@@ -121,13 +128,13 @@ fn main() -> anyhow::Result<()> {
     };
     let engine_opts =
         EngineOptions { max_batch: args.max_batch, max_batch_tokens: args.max_batch_tokens };
-    let engine = match gpu {
+    let engine = match gpus {
         None => Engine::start(
             CpuBackend::sized(model, args.block_tokens, size, args.max_batch),
             engine_opts,
         )?,
-        Some(n) => Engine::start(
-            CudaBackend::open(model, n, args.block_tokens, size, args.max_batch)?,
+        Some(ns) => Engine::start(
+            CudaBackend::open(model, &ns, args.block_tokens, size, args.max_batch)?,
             engine_opts,
         )?,
     };

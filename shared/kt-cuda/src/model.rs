@@ -7,6 +7,7 @@
 //! The computation mirrors `kt_models::Model::forward_batch` step by step; tests compare the
 //! two (tests/parity.rs).
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
@@ -279,17 +280,23 @@ impl Default for CudaOptions {
     }
 }
 
-/// The worker half of a model on one GPU, with its paged KV cache.
+/// The worker half of a model on one or more GPUs (layers split across them), with its
+/// paged KV cache (each layer's part on its layer's GPU).
 pub struct CudaModel {
-    gpu: Gpu,
+    gpus: Vec<Gpu>,
+    /// The GPU of each layer; the embedding is on the first layer's, lm_head on the last's.
+    layer_dev: Vec<usize>,
+    /// The GPU the step in progress computes on.
+    cur: Cell<usize>,
     model: Arc<Model>,
     opts: CudaOptions,
     embed: CudaSlice<f32>,
     final_norm: CudaSlice<f32>,
     lm_head: GpuLinear,
     layers: Vec<GpuLayer>,
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
+    /// RoPE tables, one copy per GPU.
+    cos: Vec<CudaSlice<f32>>,
+    sin: Vec<CudaSlice<f32>>,
     rope_pairs: usize,
     interleaved: bool,
     max_positions: usize,
@@ -299,7 +306,7 @@ pub struct CudaModel {
 
 impl std::fmt::Debug for CudaModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaModel").field("gpu", &self.gpu).field("opts", &self.opts).finish()
+        f.debug_struct("CudaModel").field("gpus", &self.gpus).field("opts", &self.opts).finish()
     }
 }
 
@@ -317,17 +324,60 @@ impl CudaModel {
     /// Uploads everything but the routed experts of `model` to `gpu` and allocates the KV
     /// cache. The routed experts stay where `model.experts()` computes them.
     pub fn new(gpu: Gpu, model: Arc<Model>, opts: CudaOptions) -> Result<Self, CudaError> {
+        let n = model.layers().len();
+        Self::split(vec![gpu], model, opts, vec![0; n])
+    }
+
+    /// Layers split evenly in contiguous ranges across `gpus`.
+    pub fn split_evenly(
+        gpus: Vec<Gpu>,
+        model: Arc<Model>,
+        opts: CudaOptions,
+    ) -> Result<Self, CudaError> {
+        let (n, k) = (model.layers().len(), gpus.len().max(1));
+        let layer_dev = (0..n).map(|l| l * k / n.max(1)).collect();
+        Self::split(gpus, model, opts, layer_dev)
+    }
+
+    /// Layer `l` on `gpus[layer_dev[l]]` (as a placement plan says); activations pass from
+    /// one GPU to the next where the layer's GPU changes.
+    pub fn split(
+        gpus: Vec<Gpu>,
+        model: Arc<Model>,
+        opts: CudaOptions,
+        layer_dev: Vec<usize>,
+    ) -> Result<Self, CudaError> {
         let c = &model.config;
+        if gpus.is_empty() || layer_dev.len() != model.layers().len() {
+            return Err(ModelError::Config(format!(
+                "{} GPUs for a split of {} layers (the model has {})",
+                gpus.len(),
+                layer_dev.len(),
+                model.layers().len()
+            ))
+            .into());
+        }
+        if let Some(d) = layer_dev.iter().find(|&&d| d >= gpus.len()) {
+            return Err(
+                ModelError::Config(format!("layer split names GPU {d} of {}", gpus.len())).into()
+            );
+        }
         let dtype = opts.dtype;
         let mut weight_bytes = 0;
-        let embed = gpu.upload(&to_f32(model.embedding())?)?;
-        let final_norm = gpu.upload(model.final_norm())?;
-        let lm_head = GpuLinear::new(&gpu, model.lm_head(), dtype)?;
+        let first = &gpus[layer_dev.first().copied().unwrap_or(0)];
+        let last = &gpus[layer_dev.last().copied().unwrap_or(0)];
+        first.ctx.bind_to_thread()?;
+        let embed = first.upload(&to_f32(model.embedding())?)?;
+        last.ctx.bind_to_thread()?;
+        let final_norm = last.upload(model.final_norm())?;
+        let lm_head = GpuLinear::new(last, model.lm_head(), dtype)?;
         weight_bytes += lm_head.bytes() + c.vocab_size * c.hidden * 4;
         let (kw, vw) = kt_models::kv::widths(c);
         let slots = opts.block_tokens.max(1) * opts.kv_blocks;
         let mut layers = Vec::with_capacity(model.layers().len());
-        for layer in model.layers() {
+        for (layer, &d) in model.layers().iter().zip(&layer_dev) {
+            let gpu = &gpus[d];
+            gpu.ctx.bind_to_thread()?;
             let attn = match &layer.attn {
                 Attention::Gqa(g) => {
                     let gq = GpuGqa {
@@ -398,14 +448,21 @@ impl CudaModel {
             });
         }
         let max_positions = c.max_position.clamp(1, 1 << 17);
-        let (cos, sin) = model.rope().table(max_positions);
-        let (cos, sin) = (gpu.upload(&cos)?, gpu.upload(&sin)?);
+        let (cos_h, sin_h) = model.rope().table(max_positions);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for gpu in &gpus {
+            gpu.ctx.bind_to_thread()?;
+            cos.push(gpu.upload(&cos_h)?);
+            sin.push(gpu.upload(&sin_h)?);
+            gpu.sync()?;
+        }
         let rope_pairs = model.rope().pairs();
         let interleaved = model.rope().style() == RopeStyle::Interleaved;
         let blocks = KvBlocks::new(opts.block_tokens, opts.kv_blocks);
-        gpu.sync()?;
         Ok(Self {
-            gpu,
+            gpus,
+            layer_dev,
+            cur: Cell::new(0),
             model,
             opts,
             embed,
@@ -426,8 +483,31 @@ impl CudaModel {
         &self.model
     }
 
+    /// The first GPU (the embedding's).
     pub fn gpu(&self) -> &Gpu {
-        &self.gpu
+        &self.gpus[self.layer_dev.first().copied().unwrap_or(0)]
+    }
+
+    /// Every GPU, and which one each layer is on.
+    pub fn gpus(&self) -> (&[Gpu], &[usize]) {
+        (&self.gpus, &self.layer_dev)
+    }
+
+    /// The GPU of the step in progress.
+    fn g(&self) -> &Gpu {
+        &self.gpus[self.cur.get()]
+    }
+
+    /// Makes `dev` the GPU of what follows, moving the activations `x` (`n` values) there.
+    fn switch(&self, dev: usize, x: Dev, n: usize) -> Result<Dev, CudaError> {
+        let from = self.cur.get();
+        if from == dev {
+            return Ok(x);
+        }
+        let host = self.gpus[from].get(x, n)?;
+        self.cur.set(dev);
+        self.gpus[dev].ctx.bind_to_thread()?;
+        self.gpus[dev].put(&host)
     }
 
     /// The KV cache's bookkeeping (free blocks, block size); [`CudaModel::blocks_mut`] to
@@ -501,23 +581,29 @@ impl CudaModel {
             }
             last_rows.push((ids.len() - 1) as i32);
         }
-        let g = &self.gpu;
-        // The scheduler calls from its own thread: make the context current there (the raw
-        // copies below do not do it themselves).
-        g.ctx.bind_to_thread()?;
-        // The previous step's intermediate buffers are free again.
-        g.reset_scratch();
         let rows = ids.len();
-        let batch = DeviceBatch {
-            rows,
-            positions: g.put(&positions)?,
-            seqs: g.put(&seqs)?,
-            slots: g.put(&slots)?,
-            tables: g.put(&tables)?,
-            table_stride,
-        };
+        // Every GPU's copy of the batch; the previous step's scratch buffers are free again.
+        // The scheduler calls from its own thread: each context is made current there (the
+        // raw copies do not do it themselves).
+        let mut batches = Vec::with_capacity(self.gpus.len());
+        for g in &self.gpus {
+            g.ctx.bind_to_thread()?;
+            g.reset_scratch();
+            batches.push(DeviceBatch {
+                rows,
+                positions: g.put(&positions)?,
+                seqs: g.put(&seqs)?,
+                slots: g.put(&slots)?,
+                tables: g.put(&tables)?,
+                table_stride,
+            });
+        }
+        let first = self.layer_dev.first().copied().unwrap_or(0);
+        self.cur.set(first);
+        let g = &self.gpus[first];
+        g.ctx.bind_to_thread()?;
         let ids = g.put(&ids)?;
-        let x = g.scratch::<f32>(rows * h)?;
+        let mut x = g.scratch::<f32>(rows * h)?;
         g.launch(
             &g.k.gather_rows,
             rows as u32,
@@ -532,10 +618,13 @@ impl CudaModel {
         )?;
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
+            x = self.switch(self.layer_dev[l], x, rows * h)?;
+            let g = self.g();
+            let batch = &batches[self.cur.get()];
             let y = self.norm(&x, rows, &layer.attn_norm)?;
             let a = match &layer.attn {
-                GpuAttention::Gqa(a) => self.gqa(a, layer, &batch, &y)?,
-                GpuAttention::Mla(m) => self.mla(m, layer, &batch, &y)?,
+                GpuAttention::Gqa(a) => self.gqa(a, layer, batch, &y)?,
+                GpuAttention::Mla(m) => self.mla(m, layer, batch, &y)?,
             };
             self.add(x, a, rows * h)?;
             let y = self.norm(&x, rows, &layer.ffn_norm)?;
@@ -545,6 +634,9 @@ impl CudaModel {
             };
             self.add(x, f, rows * h)?;
         }
+        let last_dev = self.layer_dev.last().copied().unwrap_or(0);
+        x = self.switch(last_dev, x, rows * h)?;
+        let g = self.g();
         let last_idx = g.put(&last_rows)?;
         let m = steps.len();
         let last = g.scratch::<f32>(m * h)?;
@@ -571,8 +663,8 @@ impl CudaModel {
 
     fn norm(&self, x: &Dev, rows: usize, w: &CudaSlice<f32>) -> Result<Dev, CudaError> {
         let h = self.model.config.hidden;
-        let y = self.gpu.scratch::<f32>(rows * h)?;
-        self.rms(self.gpu.ptr(x), h, self.gpu.ptr(&y), h, w, h, rows)?;
+        let y = self.g().scratch::<f32>(rows * h)?;
+        self.rms(self.g().ptr(x), h, self.g().ptr(&y), h, w, h, rows)?;
         Ok(y)
     }
 
@@ -587,7 +679,7 @@ impl CudaModel {
         d: usize,
         rows: usize,
     ) -> Result<(), CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         g.launch(
             &g.k.rms_norm,
             rows as u32,
@@ -606,7 +698,7 @@ impl CudaModel {
     }
 
     fn add(&self, x: Dev, y: Dev, n: usize) -> Result<(), CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         g.launch_1d(
             &g.k.add_inplace,
             n,
@@ -625,7 +717,7 @@ impl CudaModel {
         offset: usize,
         b: &DeviceBatch,
     ) -> Result<(), CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         g.launch(
             &g.k.rope,
             (rows * heads) as u32,
@@ -638,8 +730,8 @@ impl CudaModel {
                 Arg::I32(head_stride as i32),
                 Arg::I32(offset as i32),
                 Arg::Ptr(g.ptr(&b.positions)),
-                Arg::Ptr(g.ptr(&self.cos)),
-                Arg::Ptr(g.ptr(&self.sin)),
+                Arg::Ptr(g.ptr(&self.cos[self.cur.get()])),
+                Arg::Ptr(g.ptr(&self.sin[self.cur.get()])),
                 Arg::I32(self.rope_pairs as i32),
                 Arg::I32(self.interleaved as i32),
             ],
@@ -655,7 +747,7 @@ impl CudaModel {
         width: usize,
         b: &DeviceBatch,
     ) -> Result<(), CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         let f = match cache {
             KvBuf::F32(_) => &g.k.kv_write,
             KvBuf::Bf16(_) => &g.k.kv_write_bf16,
@@ -683,7 +775,7 @@ impl CudaModel {
         b: &DeviceBatch,
         y: &Dev,
     ) -> Result<Dev, CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         let (n, hd, nh, nkv) = (b.rows, a.head_dim, a.n_heads, a.n_kv_heads);
         let h = self.model.config.hidden;
         let q = a.q.forward(g, g.ptr(y), h, n)?;
@@ -731,7 +823,7 @@ impl CudaModel {
         group: usize,
         scale: f32,
     ) -> Result<(), CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         if va.3 > 8 * 128 {
             return Err(CudaError::Kernel(format!("attention value width {} is over 1024", va.3)));
         }
@@ -787,7 +879,7 @@ impl CudaModel {
         b: &DeviceBatch,
         y: &Dev,
     ) -> Result<Dev, CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         let (n, nh, r, nope, rope, vd) = (b.rows, m.n_heads, m.kv_lora, m.nope, m.rope, m.v_dim);
         let h = self.model.config.hidden;
         let qk = nope + rope;
@@ -846,7 +938,7 @@ impl CudaModel {
     }
 
     fn moe(&self, l: usize, m: &GpuMoe, y: &Dev, n: usize) -> Result<Dev, CudaError> {
-        let g = &self.gpu;
+        let g = self.g();
         let Some(cfg) = self.model.routing_config() else {
             return Err(ModelError::Config("MoE layer without an MoE config".into()).into());
         };

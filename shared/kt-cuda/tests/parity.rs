@@ -225,3 +225,42 @@ fn gemm_is_within_the_rounding_bound_of_its_storage() {
     let err = kt_cuda::matmul(&gpu, &w, (out, inp), &x[1..], n, WeightDtype::F32);
     assert!(err.is_err(), "shape mismatch must be an error");
 }
+
+/// Layers split over two GPUs (activations handed from one to the other) compute what the CPU
+/// does, as one GPU does. Needs two GPUs; says SKIPPED otherwise.
+#[test]
+fn layers_split_over_two_gpus_match_the_cpu() {
+    let Some(_) = gpu() else { return };
+    let second = match Gpu::open(1) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED (needs a second GPU): {e}");
+            return;
+        }
+    };
+    for name in MODELS {
+        let model = load(name);
+        let opts = CudaOptions {
+            dtype: WeightDtype::F32,
+            kv_dtype: KvDtype::F32,
+            block_tokens: 4,
+            kv_blocks: 64,
+        };
+        let gpus = vec![gpu().unwrap(), Gpu::open(1).unwrap()];
+        let mut cuda = CudaModel::split_evenly(gpus, model.clone(), opts).unwrap();
+        assert!(cuda.gpus().1.contains(&1), "{name}: no layer on the second GPU");
+        let mut worst = 0f32;
+        for i in 0..2 {
+            let p = prompt(model.config.vocab_size, i);
+            let cpu = cpu_run(&model, &p, 8);
+            let gpu = gpu_run(&mut cuda, &p, &cpu);
+            for (c, g) in cpu.iter().zip(&gpu) {
+                worst = worst.max(max_diff(c, g));
+                assert_eq!(argmax(c), argmax(g), "{name}: greedy tokens differ");
+            }
+        }
+        assert!(worst <= TOL_F32, "{name}: split over 2 GPUs differs by {worst}");
+        eprintln!("{name:18} layers over 2 GPUs: max |logit diff| {worst:.2e}");
+    }
+    drop(second);
+}

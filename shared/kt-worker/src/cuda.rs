@@ -10,32 +10,38 @@ use kt_models::{KvPool, Model, ModelConfig, ModelError, SeqKv, Step};
 use crate::backend::{Backend, BatchStep, KvSize};
 use crate::WorkerError;
 
-/// A model's worker half on `cuda:N`.
+/// A model's worker half on `cuda:N` (or on several GPUs, layers split across them).
 pub struct CudaBackend {
     cuda: CudaModel,
     experts_per_token: usize,
-    device: String,
+    devices: Vec<String>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("device", &self.device).finish_non_exhaustive()
+        f.debug_struct("CudaBackend").field("devices", &self.devices).finish_non_exhaustive()
     }
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`, uploads `model`'s dense parts in bf16 and makes a bf16 KV cache
-    /// of `size` (a byte budget is capped at what `max_batch` full-context sequences use).
-    /// Fails with a clear message where no CUDA driver or device is present.
+    /// Opens the GPUs `ordinals` (layers split evenly across them, in order), uploads
+    /// `model`'s dense parts in bf16 and makes a bf16 KV cache of `size` (a byte budget is
+    /// capped at what `max_batch` full-context sequences use; every GPU holds its layers' part
+    /// of each block). Fails with a clear message where no CUDA driver or device is present.
     pub fn open(
         model: Arc<Model>,
-        ordinal: usize,
+        ordinals: &[usize],
         block_tokens: usize,
         size: KvSize,
         max_batch: usize,
     ) -> Result<Self, WorkerError> {
-        let device = format!("cuda:{ordinal}");
-        let gpu = Gpu::open(ordinal).map_err(|e| WorkerError::Config(format!("{device}: {e}")))?;
+        let mut gpus = Vec::with_capacity(ordinals.len());
+        for &n in ordinals {
+            gpus.push(Gpu::open(n).map_err(|e| WorkerError::Config(format!("cuda:{n}: {e}")))?);
+        }
+        if gpus.is_empty() {
+            return Err(WorkerError::Config("no GPU given".into()));
+        }
         let bt = block_tokens.max(1);
         let kv_blocks = match size {
             KvSize::Blocks(n) => n.max(1),
@@ -52,20 +58,21 @@ impl CudaBackend {
             block_tokens: bt,
             kv_blocks,
         };
-        Self::with_options(model, gpu, opts)
+        Self::with_options(model, gpus, opts)
     }
 
     /// [`CudaBackend::open`] with every option given (f32 weights and KV for exact parity
     /// with the CPU backend, block size, blocks).
     pub fn with_options(
         model: Arc<Model>,
-        gpu: Gpu,
+        gpus: Vec<Gpu>,
         opts: CudaOptions,
     ) -> Result<Self, WorkerError> {
-        let device = format!("cuda:{}", gpu.ordinal());
+        let devices: Vec<String> = gpus.iter().map(|g| format!("cuda:{}", g.ordinal())).collect();
+        let device = devices.join(",");
         let kv_blocks = opts.kv_blocks;
         let experts_per_token = model.experts_per_token();
-        let cuda = CudaModel::new(gpu, model, opts)
+        let cuda = CudaModel::split_evenly(gpus, model, opts)
             .map_err(|e| WorkerError::Config(format!("{device}: {e}")))?;
         tracing::info!(
             %device,
@@ -74,7 +81,7 @@ impl CudaBackend {
             kv_blocks,
             "CUDA backend ready"
         );
-        Ok(Self { cuda, experts_per_token, device })
+        Ok(Self { cuda, experts_per_token, devices })
     }
 }
 
@@ -86,7 +93,7 @@ impl Backend for CudaBackend {
     }
 
     fn devices(&self) -> Vec<String> {
-        vec![self.device.clone()]
+        self.devices.clone()
     }
 
     fn experts_per_token(&self) -> usize {

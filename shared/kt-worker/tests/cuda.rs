@@ -48,7 +48,7 @@ fn concurrent_sequences_on_the_gpu_equal_the_cpu_alone() {
             block_tokens: 16,
             kv_blocks: 128,
         };
-        let backend = CudaBackend::with_options(model.clone(), gpu().unwrap(), opts).unwrap();
+        let backend = CudaBackend::with_options(model.clone(), vec![gpu().unwrap()], opts).unwrap();
         let e =
             Engine::start(backend, EngineOptions { max_batch: 8, max_batch_tokens: 32 }).unwrap();
         let vocab = model.config.vocab_size;
