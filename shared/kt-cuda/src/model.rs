@@ -381,10 +381,10 @@ impl CudaModel {
             let attn = match &layer.attn {
                 Attention::Gqa(g) => {
                     let gq = GpuGqa {
-                        q: GpuLinear::new(&gpu, &g.q, dtype)?,
-                        k: GpuLinear::new(&gpu, &g.k, dtype)?,
-                        v: GpuLinear::new(&gpu, &g.v, dtype)?,
-                        o: GpuLinear::new(&gpu, &g.o, dtype)?,
+                        q: GpuLinear::new(gpu, &g.q, dtype)?,
+                        k: GpuLinear::new(gpu, &g.k, dtype)?,
+                        v: GpuLinear::new(gpu, &g.v, dtype)?,
+                        o: GpuLinear::new(gpu, &g.o, dtype)?,
                         q_norm: g.q_norm.as_deref().map(|w| gpu.upload(w)).transpose()?,
                         k_norm: g.k_norm.as_deref().map(|w| gpu.upload(w)).transpose()?,
                         n_heads: g.n_heads,
@@ -396,11 +396,11 @@ impl CudaModel {
                 }
                 Attention::Mla(m) => {
                     let q = match &m.q {
-                        MlaQuery::Direct(w) => GpuMlaQuery::Direct(GpuLinear::new(&gpu, w, dtype)?),
+                        MlaQuery::Direct(w) => GpuMlaQuery::Direct(GpuLinear::new(gpu, w, dtype)?),
                         MlaQuery::LowRank { a, norm, b } => GpuMlaQuery::LowRank {
-                            a: GpuLinear::new(&gpu, a, dtype)?,
+                            a: GpuLinear::new(gpu, a, dtype)?,
                             norm: gpu.upload(norm)?,
-                            b: GpuLinear::new(&gpu, b, dtype)?,
+                            b: GpuLinear::new(gpu, b, dtype)?,
                         },
                     };
                     let concat = |ls: &[Linear]| -> Result<Vec<f32>, ModelError> {
@@ -412,11 +412,11 @@ impl CudaModel {
                     };
                     GpuAttention::Mla(GpuMla {
                         q,
-                        kv_a: GpuLinear::new(&gpu, &m.kv_a, dtype)?,
+                        kv_a: GpuLinear::new(gpu, &m.kv_a, dtype)?,
                         kv_a_norm: gpu.upload(&m.kv_a_norm)?,
                         k_b: gpu.upload(&concat(&m.k_b_t)?)?,
                         v_b: gpu.upload(&concat(&m.v_b)?)?,
-                        o: GpuLinear::new(&gpu, &m.o, dtype)?,
+                        o: GpuLinear::new(gpu, &m.o, dtype)?,
                         n_heads: m.n_heads,
                         kv_lora: m.kv_lora,
                         nope: m.nope,
@@ -426,15 +426,15 @@ impl CudaModel {
                 }
             };
             let ffn = match &layer.ffn {
-                Ffn::Dense(mlp) => GpuFfn::Dense(GpuMlp::new(&gpu, mlp, dtype)?),
+                Ffn::Dense(mlp) => GpuFfn::Dense(GpuMlp::new(gpu, mlp, dtype)?),
                 Ffn::Moe(b) => GpuFfn::Moe(GpuMoe {
-                    router: GpuLinear::new(&gpu, &b.router, WeightDtype::F32)?,
+                    router: GpuLinear::new(gpu, &b.router, WeightDtype::F32)?,
                     router_bias: b.router_bias.clone(),
-                    shared: b.shared.as_ref().map(|m| GpuMlp::new(&gpu, m, dtype)).transpose()?,
+                    shared: b.shared.as_ref().map(|m| GpuMlp::new(gpu, m, dtype)).transpose()?,
                     shared_gate: b
                         .shared_gate
                         .as_ref()
-                        .map(|g| GpuLinear::new(&gpu, g, WeightDtype::F32))
+                        .map(|g| GpuLinear::new(gpu, g, WeightDtype::F32))
                         .transpose()?,
                 }),
             };
@@ -443,8 +443,8 @@ impl CudaModel {
                 ffn_norm: gpu.upload(&layer.ffn_norm)?,
                 attn,
                 ffn,
-                cache_k: KvBuf::new(&gpu, opts.kv_dtype, slots * kw)?,
-                cache_v: KvBuf::new(&gpu, opts.kv_dtype, slots * vw)?,
+                cache_k: KvBuf::new(gpu, opts.kv_dtype, slots * kw)?,
+                cache_v: KvBuf::new(gpu, opts.kv_dtype, slots * vw)?,
             });
         }
         let max_positions = c.max_position.clamp(1, 1 << 17);
