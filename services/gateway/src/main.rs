@@ -29,7 +29,11 @@ mod env {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "kt-gateway", version, about = "OpenAI- and Ollama-compatible HTTP front of kt workers")]
+#[command(
+    name = "kt-gateway",
+    version,
+    about = "OpenAI- and Ollama-compatible HTTP front of kt workers"
+)]
 struct Args {
     /// Worker addresses (host:port), repeatable or comma-separated.
     #[arg(long = "worker", env = env::WORKERS, value_delimiter = ',', required = true)]
@@ -105,7 +109,9 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(t) = &args.chat_template {
         let src = std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?;
-        model = model.with_template_source(&src).with_context(|| format!("compiling {}", t.display()))?;
+        model = model
+            .with_template_source(&src)
+            .with_context(|| format!("compiling {}", t.display()))?;
     }
     if !args.queue_timeout_s.is_finite() || args.queue_timeout_s < 0.0 {
         anyhow::bail!("--queue-timeout-s must be a number ≥ 0");
@@ -130,7 +136,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let mut workers = Vec::new();
         for w in &args.workers {
-            workers.push(WorkerEndpoint::connect_lazy(w).with_context(|| format!("worker address {w}"))?);
+            workers.push(
+                WorkerEndpoint::connect_lazy(w).with_context(|| format!("worker address {w}"))?,
+            );
         }
         let gateway = Gateway::new(cfg, model, workers)?;
         let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -48,12 +48,17 @@ impl Sampling {
             ..kt_sample::SamplingParams::default()
         };
         if let Err(kt_sample::SampleError::InvalidParam { name, value, reason }) = p.validate() {
-            return Err(ApiError::param(name, format!("Invalid value for `{name}` ({value}): {reason}.")));
+            return Err(ApiError::param(
+                name,
+                format!("Invalid value for `{name}` ({value}): {reason}."),
+            ));
         }
         if let Some((id, _)) = self.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
             return Err(ApiError::param(
                 "logit_bias",
-                format!("Token id {id} in `logit_bias` is outside the vocabulary of {vocab} tokens."),
+                format!(
+                    "Token id {id} in `logit_bias` is outside the vocabulary of {vocab} tokens."
+                ),
             ));
         }
         Ok(kt_proto::v1::SamplingParams {
@@ -89,7 +94,12 @@ pub(crate) struct Job {
 }
 
 /// Resolves the budget against the context: 400 with the numbers when it cannot fit.
-pub(crate) fn budget(state: &AppState, prompt: usize, max_tokens: Option<u32>, num_ctx: Option<u32>) -> Result<u32, ApiError> {
+pub(crate) fn budget(
+    state: &AppState,
+    prompt: usize,
+    max_tokens: Option<u32>,
+    num_ctx: Option<u32>,
+) -> Result<u32, ApiError> {
     let mut ctx = state.context_length();
     if let Some(n) = num_ctx.filter(|&n| n > 0) {
         ctx = ctx.min(n);
@@ -111,7 +121,12 @@ pub(crate) fn budget(state: &AppState, prompt: usize, max_tokens: Option<u32>, n
 
 /// Starts every generation of a job (`prompts × n`, choice index = prompt × n + i; seeds
 /// `seed + i` so that choices differ but stay reproducible).
-pub(crate) async fn start_all(state: &Arc<AppState>, job: &Job, headers: &HeaderMap, arrived: Instant) -> Result<Vec<GenStream>, ApiError> {
+pub(crate) async fn start_all(
+    state: &Arc<AppState>,
+    job: &Job,
+    headers: &HeaderMap,
+    arrived: Instant,
+) -> Result<Vec<GenStream>, ApiError> {
     let vocab = state.model.tokenizer.vocab_size();
     let sampling = job.sampling.to_proto(vocab)?;
     let mut stop_ids = state.model.eog_ids();
@@ -168,7 +183,10 @@ pub(crate) fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiEr
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let Some(obj) = m.as_object() else {
-            return Err(ApiError::param(format!("messages[{i}]"), format!("`messages[{i}]` must be an object.")));
+            return Err(ApiError::param(
+                format!("messages[{i}]"),
+                format!("`messages[{i}]` must be an object."),
+            ));
         };
         let mut obj = obj.clone();
         let role = match obj.get("role").and_then(Value::as_str) {
@@ -236,10 +254,18 @@ pub(crate) fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiEr
 }
 
 /// Renders and tokenizes a chat prompt (the template writes BOS and special tokens itself).
-pub(crate) fn chat_prompt(state: &AppState, messages: Vec<Value>, tools: Option<Vec<Value>>, extra: serde_json::Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+pub(crate) fn chat_prompt(
+    state: &AppState,
+    messages: Vec<Value>,
+    tools: Option<Vec<Value>>,
+    extra: serde_json::Map<String, Value>,
+) -> Result<Vec<u32>, ApiError> {
     let req = ChatRequest { messages, tools, add_generation_prompt: true, extra };
     let text = state.model.template.render(&req).map_err(|e| {
-        ApiError::param("messages", format!("The model's chat template could not render these messages: {e}"))
+        ApiError::param(
+            "messages",
+            format!("The model's chat template could not render these messages: {e}"),
+        )
     })?;
     state
         .model
@@ -258,7 +284,11 @@ pub(crate) fn text_prompt(state: &AppState, text: &str) -> Result<Vec<u32>, ApiE
 }
 
 /// Fill-in-the-middle prompt ids, or a 400 on `suffix` if the tokenizer has no FIM tokens.
-pub(crate) fn fim_prompt(state: &AppState, prefix: &str, suffix: &str) -> Result<Vec<u32>, ApiError> {
+pub(crate) fn fim_prompt(
+    state: &AppState,
+    prefix: &str,
+    suffix: &str,
+) -> Result<Vec<u32>, ApiError> {
     let Some(fim) = state.model.fim else {
         return Err(ApiError::param(
             "suffix",
@@ -266,7 +296,10 @@ pub(crate) fn fim_prompt(state: &AppState, prefix: &str, suffix: &str) -> Result
         ));
     };
     let tok = &state.model.tokenizer;
-    let enc = |t: &str| tok.encode_with(t, false, false).map_err(|e| ApiError::Internal(format!("tokenizing failed: {e}")));
+    let enc = |t: &str| {
+        tok.encode_with(t, false, false)
+            .map_err(|e| ApiError::Internal(format!("tokenizing failed: {e}")))
+    };
     let mut ids = Vec::new();
     if tok.add_bos() {
         ids.extend(tok.bos_id());

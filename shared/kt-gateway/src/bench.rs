@@ -136,7 +136,8 @@ async fn client(addr: SocketAddr, id: usize, until: Instant, tokens: u32) -> Vec
     let mut out = Vec::new();
     let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return out };
     let _ = stream.set_nodelay(true);
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
         return out;
     };
     tokio::spawn(conn);
@@ -150,16 +151,22 @@ async fn client(addr: SocketAddr, id: usize, until: Instant, tokens: u32) -> Vec
         k += 1;
         match one_request(&mut sender, &Bytes::from(body.to_string())).await {
             Some(s) => out.push(s),
-            None => out.push(Seen { rid: String::new(), sent: Instant::now(), arrivals: Vec::new() }),
+            None => {
+                out.push(Seen { rid: String::new(), sent: Instant::now(), arrivals: Vec::new() })
+            }
         }
     }
     out
 }
 
 /// Runs the levels, calling `on_row` after each. Needs no tokio runtime (it makes one).
-pub fn run(cfg: &BenchConfig, mut on_row: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>, GatewayError> {
+pub fn run(
+    cfg: &BenchConfig,
+    mut on_row: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>, GatewayError> {
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
     rt.block_on(async {
         let mut card = ModelCard::embedded()?;
         card.name = "bench".into();
@@ -174,17 +181,25 @@ pub fn run(cfg: &BenchConfig, mut on_row: impl FnMut(&BenchRow)) -> Result<Vec<B
         let waddr = wl.local_addr()?;
         let server = WorkerServer::new(sim.clone());
         tokio::spawn(async move {
-            let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(wl), |s| {
-                s.inspect(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                })
-            });
-            let _ = tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming).await;
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(wl),
+                |s| {
+                    s.inspect(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    })
+                },
+            );
+            let _ = tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(incoming)
+                .await;
         });
-        let worker = WorkerEndpoint::connect_lazy(&waddr.to_string())
-            .map_err(|e| GatewayError::Config { what: "bench worker".into(), reason: e.to_string() })?;
+        let worker = WorkerEndpoint::connect_lazy(&waddr.to_string()).map_err(|e| {
+            GatewayError::Config { what: "bench worker".into(), reason: e.to_string() }
+        })?;
         let max = cfg.concurrency.iter().copied().max().unwrap_or(1);
-        let gcfg = GatewayConfig { max_running: max * 2, max_queue: max * 2, ..GatewayConfig::default() };
+        let gcfg =
+            GatewayConfig { max_running: max * 2, max_queue: max * 2, ..GatewayConfig::default() };
         let gateway = Gateway::new(gcfg, card, vec![worker])?;
         gateway.check_workers().await;
         let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -197,7 +212,9 @@ pub fn run(cfg: &BenchConfig, mut on_row: impl FnMut(&BenchRow)) -> Result<Vec<B
         for &n in &cfg.concurrency {
             let t0 = Instant::now();
             let until = t0 + cfg.duration;
-            let seen = futures::future::join_all((0..n).map(|i| client(haddr, i, until, cfg.tokens))).await;
+            let seen =
+                futures::future::join_all((0..n).map(|i| client(haddr, i, until, cfg.tokens)))
+                    .await;
             let wall_s = t0.elapsed().as_secs_f64();
             let mut ttft = Vec::new();
             let mut per_token = Vec::new();

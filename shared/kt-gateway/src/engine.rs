@@ -120,7 +120,8 @@ impl CancelGuard {
             return;
         }
         let mut client = self.client.clone();
-        let req = with_trace(CancelRequest { request_id: self.trace.request_id.clone() }, &self.trace);
+        let req =
+            with_trace(CancelRequest { request_id: self.trace.request_id.clone() }, &self.trace);
         // Dropping the stream already resets it; the explicit Cancel makes sure the worker
         // stops even if the reset is lost. It is fire-and-forget.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -240,7 +241,10 @@ pub(crate) async fn start(state: &Arc<AppState>, spec: GenSpec) -> Result<GenStr
                     tried.push(lease.slot.index);
                 }
                 Code::InvalidArgument => {
-                    return Err(ApiError::InvalidParam { param: None, message: status.message().to_owned() })
+                    return Err(ApiError::InvalidParam {
+                        param: None,
+                        message: status.message().to_owned(),
+                    })
                 }
                 Code::ResourceExhausted => {
                     return Err(ApiError::Unavailable {
@@ -248,7 +252,12 @@ pub(crate) async fn start(state: &Arc<AppState>, spec: GenSpec) -> Result<GenStr
                         retry_after_s: 1,
                     })
                 }
-                _ => return Err(ApiError::Generation(format!("the worker refused the request: {}", status.message()))),
+                _ => {
+                    return Err(ApiError::Generation(format!(
+                        "the worker refused the request: {}",
+                        status.message()
+                    )))
+                }
             },
         }
     }
@@ -269,19 +278,30 @@ impl GenStream {
                 return None;
             }
             match self.stream.message().await {
-                Ok(Some(GenerateEvent { event: Some(generate_event::Event::Token(t)) })) => self.on_token(t),
+                Ok(Some(GenerateEvent { event: Some(generate_event::Event::Token(t)) })) => {
+                    self.on_token(t)
+                }
                 Ok(Some(GenerateEvent { event: Some(generate_event::Event::Finished(f)) })) => {
                     self.cancel.armed = false;
                     let finish = match FinishReason::try_from(f.reason) {
                         Ok(FinishReason::Stop) => Finish::Stop,
                         Ok(FinishReason::Length) => Finish::Length,
                         Ok(FinishReason::Error) => {
-                            let msg = if f.message.is_empty() { "the worker failed the sequence".to_owned() } else { f.message };
+                            let msg = if f.message.is_empty() {
+                                "the worker failed the sequence".to_owned()
+                            } else {
+                                f.message
+                            };
                             self.finish(Finish::Error, Some(ApiError::Generation(msg)));
                             continue;
                         }
                         _ => {
-                            self.finish(Finish::Error, Some(ApiError::Generation("the worker cancelled the sequence".into())));
+                            self.finish(
+                                Finish::Error,
+                                Some(ApiError::Generation(
+                                    "the worker cancelled the sequence".into(),
+                                )),
+                            );
                             continue;
                         }
                     };
@@ -292,7 +312,9 @@ impl GenStream {
                     self.cancel.armed = false;
                     self.finish(
                         Finish::Error,
-                        Some(ApiError::Generation("the worker ended the stream without finishing".into())),
+                        Some(ApiError::Generation(
+                            "the worker ended the stream without finishing".into(),
+                        )),
                     );
                 }
                 Err(status) => {
@@ -314,7 +336,13 @@ impl GenStream {
     }
 
     fn piece(&self, id: u32) -> (String, Vec<u8>) {
-        let bytes = self.state.model.tokenizer.token_to_piece(id, false).map(<[u8]>::to_vec).unwrap_or_default();
+        let bytes = self
+            .state
+            .model
+            .tokenizer
+            .token_to_piece(id, false)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
         (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
 
@@ -352,7 +380,10 @@ impl GenStream {
         let piece = match self.decoder.push(id) {
             Ok(p) => p.unwrap_or_default(),
             Err(e) => {
-                self.finish(Finish::Error, Some(ApiError::Generation(format!("the worker sent a bad token: {e}"))));
+                self.finish(
+                    Finish::Error,
+                    Some(ApiError::Generation(format!("the worker sent a bad token: {e}"))),
+                );
                 return;
             }
         };
@@ -412,7 +443,8 @@ impl GenStream {
                     return true;
                 }
                 let mut keep = fmt.partial_marker_len(&self.tool_buf);
-                if fmt == ToolFormat::Llama3 && !self.emitted_any && self.tool_buf.trim().is_empty() {
+                if fmt == ToolFormat::Llama3 && !self.emitted_any && self.tool_buf.trim().is_empty()
+                {
                     keep = self.tool_buf.len();
                 }
                 let cut = self.tool_buf.len() - keep;

@@ -56,7 +56,9 @@ pub enum ApiError {
     #[error("The request body is larger than the limit of {limit} bytes.")]
     PayloadTooLarge { limit: usize },
     /// The admission queue is full.
-    #[error("The server is at capacity ({queued} requests waiting); retry after {retry_after_s} s.")]
+    #[error(
+        "The server is at capacity ({queued} requests waiting); retry after {retry_after_s} s."
+    )]
     QueueFull { queued: usize, retry_after_s: u64 },
     /// No worker can take the request (none healthy, queue wait timed out, worker lost).
     #[error("{message}")]
@@ -77,9 +79,9 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidParam { .. } | ApiError::BadBody(_) | ApiError::ContextLength { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::InvalidParam { .. }
+            | ApiError::BadBody(_)
+            | ApiError::ContextLength { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -184,15 +186,33 @@ impl IntoResponse for Flavored {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("tokenizer: {0}")]
-    Tokenizer(#[from] kt_tokenize::TokenizeError),
+    Tokenizer(Box<kt_tokenize::TokenizeError>),
     #[error("chat template: {0}")]
-    Template(#[from] kt_chat_template::TemplateError),
+    Template(Box<kt_chat_template::TemplateError>),
     #[error("model file: {0}")]
-    Format(#[from] kt_formats::FormatError),
+    Format(Box<kt_formats::FormatError>),
     #[error("{what}: {reason}")]
     Config { what: String, reason: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<kt_tokenize::TokenizeError> for GatewayError {
+    fn from(e: kt_tokenize::TokenizeError) -> Self {
+        GatewayError::Tokenizer(Box::new(e))
+    }
+}
+
+impl From<kt_chat_template::TemplateError> for GatewayError {
+    fn from(e: kt_chat_template::TemplateError) -> Self {
+        GatewayError::Template(Box::new(e))
+    }
+}
+
+impl From<kt_formats::FormatError> for GatewayError {
+    fn from(e: kt_formats::FormatError) -> Self {
+        GatewayError::Format(Box::new(e))
+    }
 }
 
 #[cfg(test)]

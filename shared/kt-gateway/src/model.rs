@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kt_chat_template::{ChatTemplate, TemplateError, GGUF_CHAT_TEMPLATE, GGUF_CHAT_TEMPLATE_TOOL_USE};
+use kt_chat_template::{
+    ChatTemplate, TemplateError, GGUF_CHAT_TEMPLATE, GGUF_CHAT_TEMPLATE_TOOL_USE,
+};
 use kt_formats::{embedded, GgufModel, Metadata};
 use kt_tokenize::Tokenizer;
 
@@ -193,7 +195,9 @@ fn fim_of(tok: &Tokenizer, md: Option<&Metadata>) -> Option<FimTokens> {
 }
 
 /// A template, or the ChatML fallback when the model has none (with an empty source).
-fn or_fallback(found: Result<(ChatTemplate, String), TemplateError>) -> Result<(ChatTemplate, String), GatewayError> {
+fn or_fallback(
+    found: Result<(ChatTemplate, String), TemplateError>,
+) -> Result<(ChatTemplate, String), GatewayError> {
     match found {
         Ok(t) => Ok(t),
         Err(TemplateError::Missing(what)) => {
@@ -275,7 +279,8 @@ impl ModelCard {
                 .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
                 .and_then(|v| v["chat_template"].as_str().map(str::to_owned))
                 .unwrap_or_default();
-            let template = or_fallback(ChatTemplate::from_tokenizer_config(&config).map(|t| (t, source)))?;
+            let template =
+                or_fallback(ChatTemplate::from_tokenizer_config(&config).map(|t| (t, source)))?;
             return Ok(Self::assemble(name, tokenizer, template, None, hf_facts(path)));
         }
         let g = GgufModel::open(path)?;
@@ -286,7 +291,8 @@ impl ModelCard {
     /// whose file lacks one, or to enable tool calls.
     pub fn with_template_source(mut self, source: &str) -> Result<Self, GatewayError> {
         let special = self.tokenizer.special_tokens();
-        let text = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).map(str::to_owned);
+        let text =
+            |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).map(str::to_owned);
         self.template = ChatTemplate::new(source, text(special.bos), text(special.eos))?;
         self.template_source = source.to_owned();
         self.tool_format = ToolFormat::detect(source);

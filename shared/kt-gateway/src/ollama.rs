@@ -98,7 +98,12 @@ fn sampling(o: &Options) -> Result<Sampling, ApiError> {
         None => Some(64),
         Some(-1) => None,
         Some(n) if n >= 0 => Some(n as usize),
-        Some(n) => return Err(ApiError::param("options.repeat_last_n", format!("repeat_last_n {n} must be -1 or ≥ 0"))),
+        Some(n) => {
+            return Err(ApiError::param(
+                "options.repeat_last_n",
+                format!("repeat_last_n {n} must be -1 or ≥ 0"),
+            ))
+        }
     };
     Ok(Sampling {
         temperature: o.temperature.unwrap_or(0.8),
@@ -120,7 +125,10 @@ fn max_tokens(o: &Options) -> Result<Option<u32>, ApiError> {
     match o.num_predict {
         None | Some(-1) | Some(-2) => Ok(None),
         Some(n) if n > 0 => Ok(Some(n.min(u32::MAX as i64) as u32)),
-        Some(n) => Err(ApiError::param("options.num_predict", format!("num_predict {n} must be -1, -2 or > 0"))),
+        Some(n) => Err(ApiError::param(
+            "options.num_predict",
+            format!("num_predict {n} must be -1, -2 or > 0"),
+        )),
     }
 }
 
@@ -136,7 +144,9 @@ fn json_mode(format: &Option<Value>) -> Result<bool, ApiError> {
         Some(Value::String(s)) if s.is_empty() => Ok(false),
         Some(Value::String(s)) if s == "json" => Ok(true),
         Some(Value::Object(_)) => Ok(true),
-        Some(other) => Err(ApiError::param("format", format!("format {other} is not supported; use \"json\""))),
+        Some(other) => {
+            Err(ApiError::param("format", format!("format {other} is not supported; use \"json\"")))
+        }
     }
 }
 
@@ -184,18 +194,26 @@ fn tool_calls(o: &Outcome) -> Vec<Value> {
     o.tool_calls
         .iter()
         .map(|c| {
-            let args: Value = serde_json::from_str(&c.arguments).unwrap_or(Value::String(c.arguments.clone()));
+            let args: Value =
+                serde_json::from_str(&c.arguments).unwrap_or(Value::String(c.arguments.clone()));
             json!({"function": {"name": c.name, "arguments": args}})
         })
         .collect()
 }
 
-pub(crate) async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, ApiJson(body): ApiJson<ChatBody>) -> Res {
+pub(crate) async fn chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ChatBody>,
+) -> Res {
     let arrived = Instant::now();
     check_model(&state, &body.model).map_err(err)?;
     for (i, m) in body.messages.iter().enumerate() {
         if m.get("images").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-            return Err(err(ApiError::param(format!("messages[{i}].images"), "images are not supported; this model takes text only")));
+            return Err(err(ApiError::param(
+                format!("messages[{i}].images"),
+                "images are not supported; this model takes text only",
+            )));
         }
     }
     let messages = api::normalize_messages(&body.messages).map_err(err)?;
@@ -238,7 +256,10 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap,
         final_fields(&o, arrived, &mut v);
         return Ok(axum::Json(v).into_response());
     }
-    let events = futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|ev| (ev, s)) }).map(move |ev| {
+    let events = futures::stream::unfold(stream, |mut s| async move {
+        s.next().await.map(|ev| (ev, s))
+    })
+    .map(move |ev| {
         let bytes = match ev {
             Event::Delta { text, .. } => ndjson(&json!({
                 "model": model, "created_at": now_rfc3339(),
@@ -251,7 +272,8 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap,
                     if !o.tool_calls.is_empty() {
                         message["tool_calls"] = Value::Array(tool_calls(&o));
                     }
-                    let mut v = json!({"model": model, "created_at": now_rfc3339(), "message": message});
+                    let mut v =
+                        json!({"model": model, "created_at": now_rfc3339(), "message": message});
                     final_fields(&o, arrived, &mut v);
                     ndjson(&v)
                 }
@@ -262,11 +284,18 @@ pub(crate) async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap,
     Ok(stream_response("application/x-ndjson", Body::from_stream(events), &rid))
 }
 
-pub(crate) async fn generate(State(state): State<Arc<AppState>>, headers: HeaderMap, ApiJson(body): ApiJson<GenerateBody>) -> Res {
+pub(crate) async fn generate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<GenerateBody>,
+) -> Res {
     let arrived = Instant::now();
     check_model(&state, &body.model).map_err(err)?;
     if body.images.as_ref().is_some_and(|i| !i.is_empty()) {
-        return Err(err(ApiError::param("images", "images are not supported; this model takes text only")));
+        return Err(err(ApiError::param(
+            "images",
+            "images are not supported; this model takes text only",
+        )));
     }
     if body.template.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(err(ApiError::param("template", "template overrides (Go templates) are not supported; use raw: true with a formatted prompt")));
@@ -301,7 +330,10 @@ pub(crate) async fn generate(State(state): State<Arc<AppState>>, headers: Header
     if let Some(ctx) = &body.context {
         let vocab = state.model.tokenizer.vocab_size();
         if ctx.iter().any(|&id| id as usize >= vocab) {
-            return Err(err(ApiError::param("context", "context has token ids outside the vocabulary")));
+            return Err(err(ApiError::param(
+                "context",
+                "context has token ids outside the vocabulary",
+            )));
         }
         let mut all = ctx.clone();
         all.extend(prompt);
@@ -376,7 +408,9 @@ fn digest(state: &AppState) -> String {
     // Not a content hash (kt does not read the weights); stable per name, size and format.
     let f = &state.model.facts;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in state.model.name.bytes().chain(f.size_bytes.to_le_bytes()).chain(f.quantization.bytes()) {
+    for b in
+        state.model.name.bytes().chain(f.size_bytes.to_le_bytes()).chain(f.quantization.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x100_0000_01b3);
     }
@@ -409,7 +443,10 @@ pub(crate) async fn ps(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-pub(crate) async fn show(State(state): State<Arc<AppState>>, ApiJson(body): ApiJson<ShowBody>) -> Res {
+pub(crate) async fn show(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<ShowBody>,
+) -> Res {
     check_model(&state, &body.model).map_err(err)?;
     let f = &state.model.facts;
     let mut info = Map::new();

@@ -143,30 +143,46 @@ fn sampling(c: &Common, vocab: usize) -> Result<Sampling, ApiError> {
     let mut logit_bias = Vec::new();
     for (k, &v) in c.logit_bias.iter().flatten() {
         let id: u32 = k.parse().map_err(|_| {
-            ApiError::param("logit_bias", format!("`logit_bias` keys must be token ids; got `{k}`."))
+            ApiError::param(
+                "logit_bias",
+                format!("`logit_bias` keys must be token ids; got `{k}`."),
+            )
         })?;
         if !(-100.0..=100.0).contains(&v) {
-            return Err(ApiError::param("logit_bias", format!("Bias {v} for token {id} is outside [-100, 100].")));
+            return Err(ApiError::param(
+                "logit_bias",
+                format!("Bias {v} for token {id} is outside [-100, 100]."),
+            ));
         }
         logit_bias.push((id, v));
     }
     let _ = vocab;
-    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
+    for (name, v) in
+        [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)]
+    {
         if let Some(v) = v {
             if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::param(name, format!("`{name}` is {v}; it must be in [-2, 2].")));
+                return Err(ApiError::param(
+                    name,
+                    format!("`{name}` is {v}; it must be in [-2, 2]."),
+                ));
             }
         }
     }
     if let Some(t) = c.temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::param("temperature", format!("`temperature` is {t}; it must be in [0, 2].")));
+            return Err(ApiError::param(
+                "temperature",
+                format!("`temperature` is {t}; it must be in [0, 2]."),
+            ));
         }
     }
     let top_k = match c.top_k {
         None | Some(-1) => 0,
         Some(k) if k >= 0 => k as usize,
-        Some(k) => return Err(ApiError::param("top_k", format!("`top_k` is {k}; use -1 or 0 for none."))),
+        Some(k) => {
+            return Err(ApiError::param("top_k", format!("`top_k` is {k}; use -1 or 0 for none.")))
+        }
     };
     let stop = match &c.stop {
         None => Vec::new(),
@@ -216,14 +232,19 @@ fn json_mode(rf: &Option<Value>) -> Result<bool, ApiError> {
         Some("json_object") => Ok(true),
         Some(other) => Err(ApiError::param(
             "response_format.type",
-            format!("`response_format.type` `{other}` is not supported; use `text` or `json_object`."),
+            format!(
+                "`response_format.type` `{other}` is not supported; use `text` or `json_object`."
+            ),
         )),
         None => Err(ApiError::param("response_format", "`response_format` needs a `type`.")),
     }
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn fingerprint() -> String {
@@ -310,7 +331,10 @@ pub(crate) async fn chat_completions(
     let logprobs = body.logprobs.unwrap_or(false);
     let top = body.top_logprobs.unwrap_or(0);
     if top > 20 {
-        return Err(err(ApiError::param("top_logprobs", "`top_logprobs` must be between 0 and 20.")));
+        return Err(err(ApiError::param(
+            "top_logprobs",
+            "`top_logprobs` must be between 0 and 20.",
+        )));
     }
     if top > 0 && !logprobs {
         return Err(err(ApiError::param("top_logprobs", "`top_logprobs` needs `logprobs: true`.")));
@@ -319,18 +343,31 @@ pub(crate) async fn chat_completions(
     let tools_off = matches!(&body.tool_choice, Some(Value::String(s)) if s == "none");
     match &body.tool_choice {
         None | Some(Value::String(_)) | Some(Value::Object(_)) => {}
-        Some(_) => return Err(err(ApiError::param("tool_choice", "`tool_choice` must be a string or an object."))),
+        Some(_) => {
+            return Err(err(ApiError::param(
+                "tool_choice",
+                "`tool_choice` must be a string or an object.",
+            )))
+        }
     }
     if let Some(Value::String(s)) = &body.tool_choice {
         if !matches!(s.as_str(), "none" | "auto" | "required") {
-            return Err(err(ApiError::param("tool_choice", format!("`tool_choice` `{s}` is not one of none, auto, required."))));
+            return Err(err(ApiError::param(
+                "tool_choice",
+                format!("`tool_choice` `{s}` is not one of none, auto, required."),
+            )));
         }
     }
     let tools = body.tools.clone().filter(|t| !t.is_empty() && !tools_off);
     if let Some(ts) = &tools {
         for (i, t) in ts.iter().enumerate() {
-            if t.get("type").and_then(Value::as_str) != Some("function") || t.pointer("/function/name").and_then(Value::as_str).is_none() {
-                return Err(err(ApiError::param(format!("tools[{i}]"), "Each tool needs `type: \"function\"` and `function.name`.")));
+            if t.get("type").and_then(Value::as_str) != Some("function")
+                || t.pointer("/function/name").and_then(Value::as_str).is_none()
+            {
+                return Err(err(ApiError::param(
+                    format!("tools[{i}]"),
+                    "Each tool needs `type: \"function\"` and `function.name`.",
+                )));
             }
         }
     }
@@ -351,7 +388,11 @@ pub(crate) async fn chat_completions(
         tools: tool_format,
     };
     if job.max_tokens == Some(0) {
-        let name = if body.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+        let name = if body.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
         return Err(err(ApiError::param(name, format!("`{name}` must be at least 1."))));
     }
     if let Some(u) = &c.user {
@@ -381,7 +422,8 @@ pub(crate) async fn chat_completions(
                     // Text before the calls, without the white space that separated them.
                     let text = text.trim();
                     message["content"] = json!(text);
-                    message["tool_calls"] = Value::Array(tool_calls_json(&o.tool_calls, &format!("{rid}{i}")));
+                    message["tool_calls"] =
+                        Value::Array(tool_calls_json(&o.tool_calls, &format!("{rid}{i}")));
                     if text.is_empty() {
                         message["content"] = Value::Null;
                     }
@@ -494,9 +536,15 @@ pub(crate) async fn completions(
     }
     let echo = body.echo.unwrap_or(false);
     let (prompts, texts): (Vec<Vec<u32>>, Vec<String>) = match (&body.prompt, &body.suffix) {
-        (Prompt::Text(t), Some(suffix)) => (vec![api::fim_prompt(&state, t, suffix).map_err(err)?], vec![t.clone()]),
-        (_, Some(_)) => return Err(err(ApiError::param("suffix", "`suffix` needs a single text `prompt`."))),
-        (Prompt::Text(t), None) => (vec![api::text_prompt(&state, t).map_err(err)?], vec![t.clone()]),
+        (Prompt::Text(t), Some(suffix)) => {
+            (vec![api::fim_prompt(&state, t, suffix).map_err(err)?], vec![t.clone()])
+        }
+        (_, Some(_)) => {
+            return Err(err(ApiError::param("suffix", "`suffix` needs a single text `prompt`.")))
+        }
+        (Prompt::Text(t), None) => {
+            (vec![api::text_prompt(&state, t).map_err(err)?], vec![t.clone()])
+        }
         (Prompt::Texts(ts), None) => {
             if ts.is_empty() {
                 return Err(err(ApiError::param("prompt", "`prompt` is an empty list.")));
@@ -507,17 +555,27 @@ pub(crate) async fn completions(
             }
             (ps, ts.clone())
         }
-        (Prompt::Ids(ids), None) => (vec![ids.clone()], vec![state.model.tokenizer.decode(ids, false).unwrap_or_default()]),
+        (Prompt::Ids(ids), None) => {
+            (vec![ids.clone()], vec![state.model.tokenizer.decode(ids, false).unwrap_or_default()])
+        }
         (Prompt::IdLists(l), None) => {
             if l.is_empty() {
                 return Err(err(ApiError::param("prompt", "`prompt` is an empty list.")));
             }
-            let texts = l.iter().map(|ids| state.model.tokenizer.decode(ids, false).unwrap_or_default()).collect();
+            let texts = l
+                .iter()
+                .map(|ids| state.model.tokenizer.decode(ids, false).unwrap_or_default())
+                .collect();
             (l.clone(), texts)
         }
     };
-    if let Some((i, _)) = prompts.iter().enumerate().find(|(_, p)| p.iter().any(|&id| id as usize >= vocab)) {
-        return Err(err(ApiError::param("prompt", format!("Prompt {i} has a token id outside the vocabulary of {vocab}."))));
+    if let Some((i, _)) =
+        prompts.iter().enumerate().find(|(_, p)| p.iter().any(|&id| id as usize >= vocab))
+    {
+        return Err(err(ApiError::param(
+            "prompt",
+            format!("Prompt {i} has a token id outside the vocabulary of {vocab}."),
+        )));
     }
     let job = Job {
         prompts,
@@ -625,11 +683,13 @@ pub(crate) async fn list_models(State(state): State<Arc<AppState>>) -> Response 
     axum::Json(json!({"object": "list", "data": [model_object(&state)]})).into_response()
 }
 
-pub(crate) async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+pub(crate) async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
     if api::model_matches(&state, &id) {
         axum::Json(model_object(&state)).into_response()
     } else {
         err(ApiError::ModelNotFound(id))
     }
 }
-

@@ -229,12 +229,10 @@ impl Pool {
 
     /// Chooses a worker for `prompt` expected to cost `cost` tokens, skipping `exclude`.
     pub fn pick(&self, prompt: &[u32], cost: i64, exclude: &[usize]) -> Option<Lease> {
-        let candidates: Vec<&Arc<Slot>> = self
-            .slots
-            .iter()
-            .filter(|s| s.is_healthy() && !exclude.contains(&s.index))
-            .collect();
-        let least = candidates.iter().min_by_key(|s| (s.load(), s.requests.load(Ordering::SeqCst)))?;
+        let candidates: Vec<&Arc<Slot>> =
+            self.slots.iter().filter(|s| s.is_healthy() && !exclude.contains(&s.index)).collect();
+        let least =
+            candidates.iter().min_by_key(|s| (s.load(), s.requests.load(Ordering::SeqCst)))?;
         let least_load = least.load();
         let hashes = prefix_hashes(prompt, self.cfg.affinity_block_tokens);
         let mut table = lock(&self.affinity);
@@ -297,7 +295,9 @@ impl Pool {
                 *lock(&slot.info) = Some(info.into_inner());
                 slot.set_healthy(true, "");
             }
-            Ok(Err(status)) => slot.set_healthy(false, &format!("info failed: {}", status.message())),
+            Ok(Err(status)) => {
+                slot.set_healthy(false, &format!("info failed: {}", status.message()))
+            }
             Err(_) => slot.set_healthy(false, "info timed out"),
         }
     }
@@ -332,10 +332,18 @@ mod tests {
         let eps = (0..n)
             .map(|i| WorkerEndpoint {
                 name: format!("w{i}"),
-                channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+                channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:1")
+                    .connect_lazy(),
             })
             .collect();
-        Pool::new(eps, RoutingConfig { affinity_block_tokens: 4, affinity_slack_tokens: 100, ..Default::default() })
+        Pool::new(
+            eps,
+            RoutingConfig {
+                affinity_block_tokens: 4,
+                affinity_slack_tokens: 100,
+                ..Default::default()
+            },
+        )
     }
 
     #[tokio::test]

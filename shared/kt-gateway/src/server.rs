@@ -155,7 +155,12 @@ impl Gateway {
         tokio::spawn(Arc::clone(&pool).health_loop());
         let seed = {
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
             h.write_u32(std::process::id());
             h.finish()
         };
@@ -306,7 +311,10 @@ async fn cors(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, a);
         h.insert(header::VARY, HeaderValue::from_static("origin"));
         if preflight {
-            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, HEAD, OPTIONS"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, HEAD, OPTIONS"),
+            );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
                 HeaderValue::from_static("authorization, content-type, x-api-key, traceparent"),
@@ -348,7 +356,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
         render_metrics(&state),
     )
         .into_response()
@@ -391,7 +402,9 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
 /// Parses `bytes` as JSON into `T`, naming the field of a type error.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::BadBody("The request body is empty; a JSON object is expected.".into()));
+        return Err(ApiError::BadBody(
+            "The request body is empty; a JSON object is expected.".into(),
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
@@ -407,7 +420,10 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
             if inner.is_syntax() || inner.is_eof() || inner.is_io() {
                 Err(ApiError::BadBody(format!("The request body is not valid JSON: {inner}")))
             } else if path == "." || path.is_empty() {
-                Err(ApiError::InvalidParam { param: None, message: format!("Invalid request: {inner}") })
+                Err(ApiError::InvalidParam {
+                    param: None,
+                    message: format!("Invalid request: {inner}"),
+                })
             } else {
                 Err(ApiError::param(path.clone(), format!("Invalid value for `{path}`: {inner}")))
             }
@@ -416,7 +432,11 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
 }
 
 /// Status code of a response body stream: SSE / NDJSON helpers.
-pub(crate) fn stream_response(content_type: &'static str, body: Body, request_id: &str) -> Response {
+pub(crate) fn stream_response(
+    content_type: &'static str,
+    body: Body,
+    request_id: &str,
+) -> Response {
     let mut res = Response::new(body);
     let h = res.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

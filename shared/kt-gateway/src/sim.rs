@@ -270,18 +270,10 @@ struct Picker {
 impl Picker {
     fn new(cfg: &SimConfig, req: &GenerateRequest, entropy: u64) -> Self {
         let sampling = req.sampling.clone().unwrap_or_default();
-        let banned: HashSet<u32> = sampling
-            .logit_bias
-            .iter()
-            .filter(|(_, &b)| b <= -100.0)
-            .map(|(&id, _)| id)
-            .collect();
-        let forced = sampling
-            .logit_bias
-            .iter()
-            .filter(|(_, &b)| b >= 100.0)
-            .map(|(&id, _)| id)
-            .min();
+        let banned: HashSet<u32> =
+            sampling.logit_bias.iter().filter(|(_, &b)| b <= -100.0).map(|(&id, _)| id).collect();
+        let forced =
+            sampling.logit_bias.iter().filter(|(_, &b)| b >= 100.0).map(|(&id, _)| id).min();
         let vocab: Vec<u32> = cfg.vocab.iter().copied().filter(|id| !banned.contains(id)).collect();
         let extra = match (sampling.seed, sampling.temperature > 0.0) {
             (Some(seed), _) => mix(seed),

@@ -71,7 +71,9 @@ impl ToolFormat {
         };
         (1..marker.len().min(text.len() + 1))
             .rev()
-            .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
+            .find(|&n| {
+                text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..])
+            })
             .unwrap_or(0)
     }
 
@@ -164,8 +166,8 @@ mod tests {
 
     #[test]
     fn mistral_and_llama3() {
-        let (c, calls) = ToolFormat::Mistral
-            .parse("[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"x\": 1}}]");
+        let (c, calls) =
+            ToolFormat::Mistral.parse("[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"x\": 1}}]");
         assert_eq!(c, "");
         assert_eq!(calls, vec![ToolCall { name: "a".into(), arguments: r#"{"x":1}"#.into() }]);
         let (_, calls) = ToolFormat::Llama3.parse("{\"name\": \"b\", \"parameters\": {\"y\": 2}}");

@@ -32,11 +32,14 @@ async fn chat_completion_non_streaming_with_usage() {
     let u = &v["usage"];
     assert_eq!(u["completion_tokens"], 8);
     let card = card();
-    let prompt = card.template.render(&kt_chat_template::ChatRequest {
-        messages: vec![json!({"role": "user", "content": "Hi there"})],
-        add_generation_prompt: true,
-        ..Default::default()
-    }).unwrap();
+    let prompt = card
+        .template
+        .render(&kt_chat_template::ChatRequest {
+            messages: vec![json!({"role": "user", "content": "Hi there"})],
+            add_generation_prompt: true,
+            ..Default::default()
+        })
+        .unwrap();
     let n_prompt = card.tokenizer.encode_with(&prompt, false, true).unwrap().len();
     assert_eq!(u["prompt_tokens"], n_prompt);
     assert_eq!(u["total_tokens"], n_prompt + 8);
@@ -58,11 +61,14 @@ async fn chat_completion_streaming_matches_and_ends_with_done() {
     assert!(st.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let events = st.sse_all().await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, full["choices"][0]["message"]["content"].as_str().unwrap());
-    let finish: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+    let finish: Vec<&Value> =
+        chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
     assert_eq!(finish, vec![&json!("length")]);
     let usage = &chunks.last().unwrap()["usage"];
     assert_eq!(usage["completion_tokens"], 8);
@@ -82,7 +88,11 @@ async fn stop_strings_cut_the_text_streaming_and_not() {
     body["stream"] = json!(true);
     body["stop"] = json!("STOP");
     let events = Streamed::open(s.gw.addr, "/v1/chat/completions", body).await.sse_all().await;
-    let text: String = events.iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()).filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned)).collect();
+    let text: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
     assert_eq!(text, "Hello world. ");
     // The scripted reply ends with the EOS id: finish "stop" without a stop string.
     let mut body = chat("stopword");
@@ -106,7 +116,12 @@ async fn seed_reproduces_and_n_gives_distinct_choices() {
     assert_ne!(a["choices"][0]["message"]["content"], c["choices"][0]["message"]["content"]);
     body["n"] = json!(3);
     let v = post(s.gw.addr, "/v1/chat/completions", body).await.json();
-    let texts: Vec<&str> = v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap()).collect();
+    let texts: Vec<&str> = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
     assert_eq!(texts.len(), 3);
     assert_ne!(texts[0], texts[1]);
     assert_eq!(v["usage"]["completion_tokens"], 24);
@@ -131,7 +146,13 @@ async fn logprobs_chat_and_completions() {
         assert_eq!(top[0]["logprob"].as_f64().unwrap(), lp);
         assert!(top[1]["logprob"].as_f64().unwrap() < lp);
     }
-    let v = post(s.gw.addr, "/v1/completions", json!({"model": MODEL, "prompt": "Once", "max_tokens": 5, "logprobs": 2, "temperature": 0})).await.json();
+    let v = post(
+        s.gw.addr,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Once", "max_tokens": 5, "logprobs": 2, "temperature": 0}),
+    )
+    .await
+    .json();
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 5);
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
@@ -148,13 +169,31 @@ async fn completions_streaming_echo_and_token_prompts() {
     assert!(text.starts_with("The cat") && text.len() == "The cat".len() + 4, "{text}");
     assert_eq!(v["usage"]["completion_tokens"], 4);
     let ids = card().tokenizer.encode("The cat", true).unwrap();
-    let w = post(s.gw.addr, "/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 4, "temperature": 0})).await.json();
+    let w = post(
+        s.gw.addr,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": ids, "max_tokens": 4, "temperature": 0}),
+    )
+    .await
+    .json();
     assert_eq!(w["choices"][0]["text"].as_str().unwrap(), &text["The cat".len()..]);
     assert_eq!(w["usage"]["prompt_tokens"], ids.len());
-    let events = Streamed::open(s.gw.addr, "/v1/completions", json!({"model": MODEL, "prompt": ["a", "b"], "max_tokens": 3, "stream": true})).await.sse_all().await;
+    let events = Streamed::open(
+        s.gw.addr,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": ["a", "b"], "max_tokens": 3, "stream": true}),
+    )
+    .await
+    .sse_all()
+    .await;
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    let finished: Vec<u64> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).map(|c| c["choices"][0]["index"].as_u64().unwrap()).collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let finished: Vec<u64> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .map(|c| c["choices"][0]["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(finished.len(), 2);
     assert!(finished.contains(&0) && finished.contains(&1));
 }
@@ -171,17 +210,20 @@ async fn tool_calls_are_parsed_for_a_tool_template() {
     let call = &c["message"]["tool_calls"][0];
     assert_eq!(call["type"], "function");
     assert_eq!(call["function"]["name"], "get_weather");
-    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert_eq!(args, json!({"city": "Paris"}));
     // Streaming: content, then one tool_calls delta, then finish_reason tool_calls.
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
     let events = Streamed::open(s.gw.addr, "/v1/chat/completions", sbody).await.sse_all().await;
     let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let text: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text.trim(), "Let me look.");
     assert!(!text.contains("<tool_call"), "{text}");
-    let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
+    let calls: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0][0]["function"]["name"], "get_weather");
     assert_eq!(calls[0][0]["index"], 0);
@@ -214,7 +256,13 @@ async fn json_mode_cuts_at_the_object_and_rejects_non_json() {
     let r = post(s.gw.addr, "/v1/chat/completions", bad).await;
     assert_eq!(r.status, 500);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("JSON"));
-    let o = post(s.gw.addr, "/api/generate", json!({"model": MODEL, "prompt": "jsonplease", "format": "json", "stream": false})).await.json();
+    let o = post(
+        s.gw.addr,
+        "/api/generate",
+        json!({"model": MODEL, "prompt": "jsonplease", "format": "json", "stream": false}),
+    )
+    .await
+    .json();
     assert_eq!(serde_json::from_str::<Value>(o["response"].as_str().unwrap()).unwrap()["b"], "x");
     let r = post(s.gw.addr, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}})).await;
     assert_eq!(r.status, 400);
@@ -247,11 +295,20 @@ async fn ollama_chat_and_generate() {
     assert_eq!(last["done"], true);
     assert_eq!(last["done_reason"], "length");
     assert_eq!(last["eval_count"], 6);
-    for k in ["total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration"] {
+    for k in [
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_duration",
+    ] {
         assert!(last[k].as_u64().is_some(), "{k} in {last}");
     }
-    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false && l["message"]["role"] == "assistant"));
-    let streamed: String = lines.iter().map(|l| l["message"]["content"].as_str().unwrap()).collect();
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|l| l["done"] == false && l["message"]["role"] == "assistant"));
+    let streamed: String =
+        lines.iter().map(|l| l["message"]["content"].as_str().unwrap()).collect();
     let mut nb = body;
     nb["stream"] = json!(false);
     let one = post(s.gw.addr, "/api/chat", nb).await.json();
@@ -264,7 +321,10 @@ async fn ollama_chat_and_generate() {
     let ctx = g["context"].as_array().unwrap().clone();
     assert_eq!(ctx.len(), g["prompt_eval_count"].as_u64().unwrap() as usize + 3);
     let raw = post(s.gw.addr, "/api/generate", json!({"model": MODEL, "prompt": "abc", "raw": true, "stream": false, "context": ctx, "options": {"num_predict": 2}})).await.json();
-    assert_eq!(raw["prompt_eval_count"].as_u64().unwrap() as usize, ctx.len() + card().tokenizer.encode("abc", false).unwrap().len());
+    assert_eq!(
+        raw["prompt_eval_count"].as_u64().unwrap() as usize,
+        ctx.len() + card().tokenizer.encode("abc", false).unwrap().len()
+    );
     let lines = Streamed::open(s.gw.addr, "/api/generate", json!({"model": MODEL, "prompt": "stopword", "options": {"stop": ["STOP"], "num_predict": 50}})).await.ndjson_all().await;
     let text: String = lines.iter().map(|l| l["response"].as_str().unwrap()).collect();
     assert_eq!(text, "Hello world. ");
@@ -287,7 +347,10 @@ async fn ollama_model_routes_report_real_facts() {
     let g = kt_formats::embedded::open().unwrap();
     let params: u64 = g.tensor_infos().map(|t| t.numel() as u64).sum();
     assert_eq!(info["general.parameter_count"], params);
-    assert_eq!(info["qwen3moe.context_length"], g.metadata().get_u32("qwen3moe.context_length").unwrap());
+    assert_eq!(
+        info["qwen3moe.context_length"],
+        g.metadata().get_u32("qwen3moe.context_length").unwrap()
+    );
     assert!(show["template"].is_string());
     let r = post(s.gw.addr, "/api/show", json!({"model": "llama3"})).await;
     assert_eq!(r.status, 404);
@@ -304,22 +367,64 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     let s = setup().await;
     let a = s.gw.addr;
     let cases = [
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3.0}), "temperature"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 5}), "top_p"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), "max_tokens"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), "max_tokens"),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3.0}),
+            "temperature",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 5}),
+            "top_p",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "max_tokens",
+        ),
         (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}), "n"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}), "logit_bias"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999": 1}}), "logit_bias"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 9}), "presence_penalty"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}), "top_logprobs"),
-        (json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages[0].content[0].type"),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}),
+            "logit_bias",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999": 1}}),
+            "logit_bias",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "presence_penalty": 9}),
+            "presence_penalty",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}),
+            "top_logprobs",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            "messages[0].content[0].type",
+        ),
         (json!({"model": MODEL, "messages": []}), "messages"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}), "tool_choice"),
-        (json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}),
+            "tool_choice",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}),
+            "stop",
+        ),
     ];
     for (body, param) in cases {
         let r = post(a, "/v1/chat/completions", body.clone()).await;
@@ -333,20 +438,36 @@ async fn invalid_parameters_are_400_naming_the_parameter() {
     let r = post(a, "/v1/chat/completions", json!({"messages": []})).await;
     assert_eq!(r.status, 400);
     // FIM on a tokenizer without FIM tokens.
-    let r = post(a, "/v1/completions", json!({"model": MODEL, "prompt": "def f(", "suffix": "return x"})).await;
+    let r = post(
+        a,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "def f(", "suffix": "return x"}),
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "suffix");
     // Ollama shape.
-    let r = post(a, "/api/generate", json!({"model": MODEL, "prompt": "x", "options": {"num_predict": -5}})).await;
+    let r = post(
+        a,
+        "/api/generate",
+        json!({"model": MODEL, "prompt": "x", "options": {"num_predict": -5}}),
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].is_string());
-    let r = post(a, "/api/chat", json!({"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]})).await;
+    let r = post(
+        a,
+        "/api/chat",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}),
+    )
+    .await;
     assert_eq!(r.status, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_bodies_get_clear_4xx() {
-    let s = setup_with(GatewayConfig { max_body_bytes: 64 * 1024, ..Default::default() }, card()).await;
+    let s =
+        setup_with(GatewayConfig { max_body_bytes: 64 * 1024, ..Default::default() }, card()).await;
     let a = s.gw.addr;
     let ct = [("content-type", "application/json")];
     for (path, body) in [
@@ -355,9 +476,15 @@ async fn broken_bodies_get_clear_4xx() {
         ("/v1/chat/completions", Vec::new()),
         ("/v1/chat/completions", b"[1,2,3]".to_vec()),
         ("/v1/chat/completions", b"{\"model\": \"m\"} trailing".to_vec()),
-        ("/v1/chat/completions", [b"{\"model\": \"".as_slice(), &[0xff, 0xfe], b"\", \"messages\": []}"].concat()),
+        (
+            "/v1/chat/completions",
+            [b"{\"model\": \"".as_slice(), &[0xff, 0xfe], b"\", \"messages\": []}"].concat(),
+        ),
         ("/api/chat", b"{{{".to_vec()),
-        ("/api/generate", [b"{\"model\": \"x\", \"prompt\": \"".as_slice(), &[0xc3, 0x28], b"\"}"].concat()),
+        (
+            "/api/generate",
+            [b"{\"model\": \"x\", \"prompt\": \"".as_slice(), &[0xc3, 0x28], b"\"}"].concat(),
+        ),
     ] {
         let r = raw(a, "POST", path, &ct, body.clone()).await;
         assert_eq!(r.status, 400, "{path} {:?} -> {}", String::from_utf8_lossy(&body), r.text());
@@ -366,7 +493,10 @@ async fn broken_bodies_get_clear_4xx() {
         let v = r.json();
         assert!(v["error"].is_object() || v["error"].is_string());
     }
-    let huge = format!("{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}", "a".repeat(100_000));
+    let huge = format!(
+        "{{\"model\": \"{MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "a".repeat(100_000)
+    );
     let r = raw(a, "POST", "/v1/chat/completions", &ct, huge.clone().into_bytes()).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["error"]["code"], "request_too_large");
@@ -411,7 +541,17 @@ async fn api_keys_on_every_api_route() {
     let cfg = GatewayConfig { api_keys: vec!["k1".into(), "k2".into()], ..Default::default() };
     let s = setup_with(cfg, card()).await;
     let a = s.gw.addr;
-    for (m, p) in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/api/tags"), ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/show"), ("GET", "/api/ps"), ("GET", "/api/version")] {
+    for (m, p) in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/api/tags"),
+        ("POST", "/api/chat"),
+        ("POST", "/api/generate"),
+        ("POST", "/api/show"),
+        ("GET", "/api/ps"),
+        ("GET", "/api/version"),
+    ] {
         let r = raw(a, m, p, &[], Vec::new()).await;
         assert_eq!(r.status, 401, "{m} {p}");
         let r = raw(a, m, p, &[("authorization", "Bearer nope")], Vec::new()).await;
@@ -433,7 +573,12 @@ async fn api_keys_on_every_api_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_is_429_and_queue_timeout_is_503_with_retry_after() {
-    let cfg = GatewayConfig { max_running: 1, max_queue: 1, queue_timeout: Duration::from_millis(300), ..Default::default() };
+    let cfg = GatewayConfig {
+        max_running: 1,
+        max_queue: 1,
+        queue_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
     let s = setup_sim(cfg, card(), |c| c.token_interval = Duration::from_millis(20)).await;
     let a = s.gw.addr;
     let mut long = chat("long one");
@@ -476,8 +621,15 @@ async fn client_disconnect_cancels_the_sequence_and_frees_kv() {
         assert_eq!(stats.live.load(Ordering::SeqCst), 1);
         assert!(stats.kv_blocks_used.load(Ordering::SeqCst) > 0);
         drop(st);
-        eventually(5, "cancel on the worker", || stats.cancelled.load(Ordering::SeqCst) == before + 1).await;
-        eventually(5, "KV blocks freed", || stats.live.load(Ordering::SeqCst) == 0 && stats.kv_blocks_used.load(Ordering::SeqCst) == 0).await;
+        eventually(5, "cancel on the worker", || {
+            stats.cancelled.load(Ordering::SeqCst) == before + 1
+        })
+        .await;
+        eventually(5, "KV blocks freed", || {
+            stats.live.load(Ordering::SeqCst) == 0
+                && stats.kv_blocks_used.load(Ordering::SeqCst) == 0
+        })
+        .await;
     }
     // Non-streaming: the client gives up before the answer is complete.
     let before = stats.cancelled.load(Ordering::SeqCst);
@@ -487,7 +639,8 @@ async fn client_disconnect_cancels_the_sequence_and_frees_kv() {
     let h = tokio::spawn(async move { post(a, "/v1/chat/completions", body).await });
     eventually(5, "sequence started", || stats.live.load(Ordering::SeqCst) == 1).await;
     h.abort();
-    eventually(5, "cancel on the worker", || stats.cancelled.load(Ordering::SeqCst) == before + 1).await;
+    eventually(5, "cancel on the worker", || stats.cancelled.load(Ordering::SeqCst) == before + 1)
+        .await;
     eventually(5, "KV blocks freed", || stats.kv_blocks_used.load(Ordering::SeqCst) == 0).await;
 }
 
@@ -523,13 +676,22 @@ async fn health_ready_metrics_and_web() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_and_headers() {
-    let cfg = GatewayConfig { cors_origins: vec!["http://ui.example".into()], ..Default::default() };
+    let cfg =
+        GatewayConfig { cors_origins: vec!["http://ui.example".into()], ..Default::default() };
     let s = setup_with(cfg, card()).await;
-    let r = raw(s.gw.addr, "OPTIONS", "/v1/chat/completions", &[("origin", "http://ui.example"), ("access-control-request-method", "POST")], Vec::new()).await;
+    let r = raw(
+        s.gw.addr,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[("origin", "http://ui.example"), ("access-control-request-method", "POST")],
+        Vec::new(),
+    )
+    .await;
     assert_eq!(r.status, 204);
     assert_eq!(r.header("access-control-allow-origin").unwrap(), "http://ui.example");
     assert!(r.header("access-control-allow-headers").unwrap().contains("authorization"));
-    let r = raw(s.gw.addr, "GET", "/v1/models", &[("origin", "http://evil.example")], Vec::new()).await;
+    let r =
+        raw(s.gw.addr, "GET", "/v1/models", &[("origin", "http://evil.example")], Vec::new()).await;
     assert_eq!(r.status, 200);
     assert!(r.header("access-control-allow-origin").is_none());
 }
@@ -538,8 +700,14 @@ async fn cors_preflight_and_headers() {
 async fn in_process_worker_channel() {
     let card = card();
     let sim = kt_gateway::sim::SimWorker::new(sim_config(&card));
-    let channel = kt_gateway::in_process_channel(kt_proto::v1::worker_server::WorkerServer::new(sim.clone()));
-    let gw = kt_gateway::Gateway::new(GatewayConfig::default(), card, vec![kt_gateway::WorkerEndpoint { name: "local".into(), channel }]).unwrap();
+    let channel =
+        kt_gateway::in_process_channel(kt_proto::v1::worker_server::WorkerServer::new(sim.clone()));
+    let gw = kt_gateway::Gateway::new(
+        GatewayConfig::default(),
+        card,
+        vec![kt_gateway::WorkerEndpoint { name: "local".into(), channel }],
+    )
+    .unwrap();
     gw.check_workers().await;
     assert_eq!(gw.healthy_workers(), 1);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -24,12 +24,23 @@ async fn two_workers_spread_fail_over_and_rejoin() {
     let w0 = SimHandle::start(SimWorker::new(cfg.clone()), "127.0.0.1:0".parse().unwrap());
     let mut w1 = SimHandle::start(SimWorker::new(cfg.clone()), "127.0.0.1:0".parse().unwrap());
     let (s0, s1) = (w0.sim.stats(), w1.sim.stats());
-    let gw = start_gateway(GatewayConfig { routing: fast_routing(), ..Default::default() }, card, &[w0.addr, w1.addr]).await;
+    let gw = start_gateway(
+        GatewayConfig { routing: fast_routing(), ..Default::default() },
+        card,
+        &[w0.addr, w1.addr],
+    )
+    .await;
     let a = gw.addr;
     assert_eq!(gw.gateway.healthy_workers(), 2);
 
     // Load is spread: 8 concurrent distinct conversations.
-    let reqs: Vec<_> = (0..8).map(|i| tokio::spawn(async move { post(a, "/v1/chat/completions", body(&format!("conversation {i}"), 30, false)).await })).collect();
+    let reqs: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move {
+                post(a, "/v1/chat/completions", body(&format!("conversation {i}"), 30, false)).await
+            })
+        })
+        .collect();
     for r in reqs {
         assert_eq!(r.await.unwrap().status, 200);
     }
@@ -40,7 +51,8 @@ async fn two_workers_spread_fail_over_and_rejoin() {
     // Kill worker 1 while it serves a stream: that stream ends with a clear error.
     let mut victim = None;
     for i in 0..4 {
-        let mut st = Streamed::open(a, "/v1/chat/completions", body(&format!("long {i}"), 200, true)).await;
+        let mut st =
+            Streamed::open(a, "/v1/chat/completions", body(&format!("long {i}"), 200, true)).await;
         assert!(st.next_record("\n\n").await.is_some());
         if s1.live.load(Ordering::SeqCst) == 1 {
             victim = Some(st);
@@ -53,7 +65,11 @@ async fn two_workers_spread_fail_over_and_rejoin() {
     let w1_addr = w1.addr;
     w1.kill();
     let events = victim.sse_all().await;
-    let err = events.iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()).find(|v| v.get("error").is_some()).expect("an error event");
+    let err = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|v| v.get("error").is_some())
+        .expect("an error event");
     assert_eq!(err["error"]["type"], "service_unavailable", "{err}");
     assert!(err["error"]["message"].as_str().unwrap().contains("retry"));
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -71,7 +87,13 @@ async fn two_workers_spread_fail_over_and_rejoin() {
     // Restart on the same address: it rejoins and gets work again.
     let w1b = SimHandle::start(SimWorker::new(cfg), w1_addr);
     eventually(10, "worker 1 back", || gw.gateway.healthy_workers() == 2).await;
-    let reqs: Vec<_> = (0..8).map(|i| tokio::spawn(async move { post(a, "/v1/chat/completions", body(&format!("again {i}"), 30, false)).await })).collect();
+    let reqs: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move {
+                post(a, "/v1/chat/completions", body(&format!("again {i}"), 30, false)).await
+            })
+        })
+        .collect();
     for r in reqs {
         assert_eq!(r.await.unwrap().status, 200);
     }
@@ -86,20 +108,35 @@ async fn same_conversation_prefix_stays_on_one_worker() {
     let w0 = SimHandle::start(SimWorker::new(cfg.clone()), "127.0.0.1:0".parse().unwrap());
     let w1 = SimHandle::start(SimWorker::new(cfg), "127.0.0.1:0".parse().unwrap());
     let routing = kt_gateway::RoutingConfig { affinity_block_tokens: 8, ..fast_routing() };
-    let gw = start_gateway(GatewayConfig { routing, ..Default::default() }, card, &[w0.addr, w1.addr]).await;
+    let gw =
+        start_gateway(GatewayConfig { routing, ..Default::default() }, card, &[w0.addr, w1.addr])
+            .await;
     let system = "You are a helpful assistant that answers in one sentence. ".repeat(3);
     for convo in 0..4 {
-        let mut messages = vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": format!("question {convo}")})];
+        let mut messages = vec![
+            json!({"role": "system", "content": system}),
+            json!({"role": "user", "content": format!("question {convo}")}),
+        ];
         let mut seen = Vec::new();
         for turn in 0..3 {
-            let (b0, b1) = (w0.sim.stats().started.load(Ordering::SeqCst), w1.sim.stats().started.load(Ordering::SeqCst));
-            let r = post(gw.addr, "/v1/chat/completions", json!({"model": MODEL, "messages": messages, "max_tokens": 4})).await;
+            let (b0, b1) = (
+                w0.sim.stats().started.load(Ordering::SeqCst),
+                w1.sim.stats().started.load(Ordering::SeqCst),
+            );
+            let r = post(
+                gw.addr,
+                "/v1/chat/completions",
+                json!({"model": MODEL, "messages": messages, "max_tokens": 4}),
+            )
+            .await;
             assert_eq!(r.status, 200, "{}", r.text());
             let v = r.json();
             let on0 = w0.sim.stats().started.load(Ordering::SeqCst) > b0;
             assert!(on0 || w1.sim.stats().started.load(Ordering::SeqCst) > b1);
             seen.push(on0);
-            messages.push(json!({"role": "assistant", "content": v["choices"][0]["message"]["content"]}));
+            messages.push(
+                json!({"role": "assistant", "content": v["choices"][0]["message"]["content"]}),
+            );
             messages.push(json!({"role": "user", "content": format!("follow-up {turn}")}));
         }
         assert!(seen.iter().all(|&x| x == seen[0]), "conversation {convo} moved: {seen:?}");

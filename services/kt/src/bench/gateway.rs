@@ -40,7 +40,9 @@ fn row_json(r: &BenchRow) -> serde_json::Value {
 }
 
 pub fn run(a: GatewayArgs) -> Result<()> {
-    if !(a.token_interval_ms > 0.0 && a.token_interval_ms.is_finite()) || !(a.seconds > 0.0 && a.seconds.is_finite()) {
+    if !(a.token_interval_ms > 0.0 && a.token_interval_ms.is_finite())
+        || !(a.seconds > 0.0 && a.seconds.is_finite())
+    {
         anyhow::bail!("--token-interval-ms and --seconds must be positive numbers");
     }
     let cfg = BenchConfig {
@@ -62,7 +64,16 @@ pub fn run(a: GatewayArgs) -> Result<()> {
         writeln!(
             out,
             "{:>7} {:>8} {:>9} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>6}",
-            "streams", "requests", "tokens", "tok/s", "offered", "ttft p50 µs", "ttft p99 µs", "tok p50 µs", "tok p99 µs", "errors"
+            "streams",
+            "requests",
+            "tokens",
+            "tok/s",
+            "offered",
+            "ttft p50 µs",
+            "ttft p99 µs",
+            "tok p50 µs",
+            "tok p99 µs",
+            "errors"
         )?;
         out.flush()?;
     }
@@ -72,8 +83,16 @@ pub fn run(a: GatewayArgs) -> Result<()> {
             let _ = writeln!(
                 out,
                 "{:>7} {:>8} {:>9} {:>10.0} {:>10.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>6}",
-                r.concurrency, r.requests, r.tokens, r.tokens_per_s, r.offered_tokens_per_s,
-                r.ttft_added_p50_us, r.ttft_added_p99_us, r.token_added_p50_us, r.token_added_p99_us, r.errors
+                r.concurrency,
+                r.requests,
+                r.tokens,
+                r.tokens_per_s,
+                r.offered_tokens_per_s,
+                r.ttft_added_p50_us,
+                r.ttft_added_p99_us,
+                r.token_added_p50_us,
+                r.token_added_p99_us,
+                r.errors
             );
             let _ = out.flush();
         }

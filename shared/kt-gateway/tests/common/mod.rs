@@ -24,7 +24,11 @@ pub struct SimHandle {
 
 impl SimHandle {
     pub fn start(sim: SimWorker, addr: SocketAddr) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let s = sim.clone();
         rt.spawn(async move {
@@ -95,8 +99,13 @@ pub struct GatewayHandle {
     pub gateway: Gateway,
 }
 
-pub async fn start_gateway(cfg: GatewayConfig, card: ModelCard, workers: &[SocketAddr]) -> GatewayHandle {
-    let eps = workers.iter().map(|a| WorkerEndpoint::connect_lazy(&a.to_string()).unwrap()).collect();
+pub async fn start_gateway(
+    cfg: GatewayConfig,
+    card: ModelCard,
+    workers: &[SocketAddr],
+) -> GatewayHandle {
+    let eps =
+        workers.iter().map(|a| WorkerEndpoint::connect_lazy(&a.to_string()).unwrap()).collect();
     let gateway = Gateway::new(cfg, card, eps).unwrap();
     gateway.check_workers().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -117,11 +126,16 @@ pub async fn setup_with(cfg: GatewayConfig, card: ModelCard) -> Setup {
 }
 
 /// As [`setup_with`], with the sim's settings adjusted by `tweak`.
-pub async fn setup_sim(cfg: GatewayConfig, card: ModelCard, tweak: impl FnOnce(&mut SimConfig)) -> Setup {
+pub async fn setup_sim(
+    cfg: GatewayConfig,
+    card: ModelCard,
+    tweak: impl FnOnce(&mut SimConfig),
+) -> Setup {
     let mut sc = sim_config(&card);
     tweak(&mut sc);
     let sim = SimHandle::start(SimWorker::new(sc), "127.0.0.1:0".parse().unwrap());
-    let gw = start_gateway(GatewayConfig { routing: fast_routing(), ..cfg }, card, &[sim.addr]).await;
+    let gw =
+        start_gateway(GatewayConfig { routing: fast_routing(), ..cfg }, card, &[sim.addr]).await;
     Setup { sim, gw }
 }
 
@@ -137,7 +151,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -147,9 +162,16 @@ impl Resp {
     }
 }
 
-async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> hyper::Response<Incoming> {
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> hyper::Response<Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     let mut req = hyper::Request::builder().method(method).uri(path).header("host", "localhost");
     for (k, v) in headers {
@@ -158,7 +180,13 @@ async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str
     sender.send_request(req.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap()
 }
 
-pub async fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Resp {
+pub async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Resp {
     let res = send(addr, method, path, headers, body).await;
     let status = res.status().as_u16();
     let headers = res.headers().clone();
@@ -167,7 +195,8 @@ pub async fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &
 }
 
 pub async fn post(addr: SocketAddr, path: &str, body: Value) -> Resp {
-    raw(addr, "POST", path, &[("content-type", "application/json")], body.to_string().into_bytes()).await
+    raw(addr, "POST", path, &[("content-type", "application/json")], body.to_string().into_bytes())
+        .await
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Resp {
@@ -184,7 +213,14 @@ pub struct Streamed {
 
 impl Streamed {
     pub async fn open(addr: SocketAddr, path: &str, body: Value) -> Self {
-        let res = send(addr, "POST", path, &[("content-type", "application/json")], body.to_string().into_bytes()).await;
+        let res = send(
+            addr,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string().into_bytes(),
+        )
+        .await;
         let status = res.status().as_u16();
         let headers = res.headers().clone();
         Self { status, headers, body: res.into_body(), buf: String::new() }
