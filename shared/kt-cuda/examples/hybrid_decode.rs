@@ -57,6 +57,14 @@ fn main() {
     let path = PathBuf::from(args.get(1).cloned().unwrap_or("/tmp/v2-lite-q4km.gguf".into()));
     let prompt_len: usize = args.get(2).map_or(128, |s| s.parse().unwrap());
     let gen: usize = args.get(3).map_or(32, |s| s.parse().unwrap());
+    // Hot experts per MoE layer to try (the first N ids: the synthetic model's routing is
+    // uniform, so any N are as hot as any other).
+    let hots: Vec<usize> = args
+        .get(4)
+        .map_or("0".into(), |s| s.clone())
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     if !path.exists() {
         let t = Instant::now();
         let opts = SynthOptions::new(Preset::V2Lite, Quant::Q4KM);
@@ -93,37 +101,55 @@ fn main() {
         path.display(),
         model.config.n_layers
     );
-    for batch in [1usize, 4, 16] {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|b| (0..prompt_len).map(|t| ((t * 31 + b * 7 + 1) as u32) % vocab).collect())
+    for &hot in &hots {
+        // Hot experts: the first `hot` ids of every MoE layer (none: all on the CPU).
+        let parts = kt_models::open(&path, None, MatmulMode::Ggml).unwrap();
+        let c = &model.config;
+        let ids: Vec<Vec<usize>> = (0..c.n_layers)
+            .map(|l| if c.is_moe_layer(l) { (0..hot).collect() } else { vec![] })
             .collect();
-        let mut kvs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::new()).collect();
-        let t = Instant::now();
-        let mut next = Vec::new();
-        for (kv, p) in kvs.iter_mut().zip(&prompts) {
-            let l = cuda.forward_batch(&mut [Step { kv, tokens: p }]).unwrap();
-            next.push(vec![argmax(&l[0])]);
-        }
-        let prefill = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        timed.nanos.store(0, Ordering::Relaxed);
-        for _ in 0..gen {
-            let mut steps: Vec<Step<'_>> =
-                kvs.iter_mut().zip(&next).map(|(kv, tokens)| Step { kv, tokens }).collect();
-            let logits = cuda.forward_batch(&mut steps).unwrap();
-            next = logits.iter().map(|l| vec![argmax(l)]).collect();
-        }
-        let decode = t.elapsed().as_secs_f64();
-        let experts = timed.nanos.load(Ordering::Relaxed) as f64 * 1e-9;
-        println!(
+        let local = kt_models::load_experts(
+            &parts.config,
+            parts.source.tensors(),
+            parts.scheme,
+            MatmulMode::Ggml,
+            &|l, e| ids[l].contains(&e),
+        )
+        .unwrap();
+        cuda.set_hot_experts(&local, &ids).unwrap();
+        println!("hot experts per layer: {hot}");
+        for batch in [1usize, 4, 16] {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|b| (0..prompt_len).map(|t| ((t * 31 + b * 7 + 1) as u32) % vocab).collect())
+                .collect();
+            let mut kvs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::new()).collect();
+            let t = Instant::now();
+            let mut next = Vec::new();
+            for (kv, p) in kvs.iter_mut().zip(&prompts) {
+                let l = cuda.forward_batch(&mut [Step { kv, tokens: p }]).unwrap();
+                next.push(vec![argmax(&l[0])]);
+            }
+            let prefill = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            timed.nanos.store(0, Ordering::Relaxed);
+            for _ in 0..gen {
+                let mut steps: Vec<Step<'_>> =
+                    kvs.iter_mut().zip(&next).map(|(kv, tokens)| Step { kv, tokens }).collect();
+                let logits = cuda.forward_batch(&mut steps).unwrap();
+                next = logits.iter().map(|l| vec![argmax(l)]).collect();
+            }
+            let decode = t.elapsed().as_secs_f64();
+            let experts = timed.nanos.load(Ordering::Relaxed) as f64 * 1e-9;
+            println!(
             "hybrid GPU+CPU batch {batch:2}: prefill {:8.1} tok/s, decode {:7.2} tok/s ({:6.2} ms/step, CPU experts {:6.2} ms/step)",
             (batch * prompt_len) as f64 / prefill,
             (batch * gen) as f64 / decode,
             decode * 1e3 / gen as f64,
             experts * 1e3 / gen as f64
         );
-        for kv in &mut kvs {
-            cuda.blocks_mut().release(kv);
+            for kv in &mut kvs {
+                cuda.blocks_mut().release(kv);
+            }
         }
     }
     // The GPU side alone: the same decode with the routed experts answering zeros at once.

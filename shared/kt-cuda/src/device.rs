@@ -33,6 +33,8 @@ pub(crate) struct Kernels {
     pub to_bf16: CudaFunction,
     pub attend: CudaFunction,
     pub attend_bf16: CudaFunction,
+    pub scatter_add_weighted: CudaFunction,
+    pub fill_zero: CudaFunction,
     _module: Arc<CudaModule>,
 }
 
@@ -137,6 +139,8 @@ impl Gpu {
             to_bf16: f("to_bf16")?,
             attend: f("attend")?,
             attend_bf16: f("attend_bf16")?,
+            scatter_add_weighted: f("scatter_add_weighted")?,
+            fill_zero: f("fill_zero")?,
             _module: module,
         };
         let blas = std::panic::catch_unwind(|| CudaBlas::new(stream.clone()))

@@ -249,3 +249,18 @@ __device__ void attend_t(ATTEND_PARAMS(T)) {
 }
 extern "C" __global__ void attend(ATTEND_PARAMS(float)) { attend_t(ATTEND_ARGS); }
 extern "C" __global__ void attend_bf16(ATTEND_PARAMS(unsigned short)) { attend_t(ATTEND_ARGS); }
+
+// out[rows[i]][..] += w[i] * y[i][..]; one block per i. Rows within one launch are distinct
+// (the tokens of one expert), so no two blocks write the same row.
+extern "C" __global__ void scatter_add_weighted(float* out, const float* y, const int* rows,
+                                                const float* w, int d) {
+    float* o = out + (size_t)rows[blockIdx.x] * d;
+    const float* s = y + (size_t)blockIdx.x * d;
+    float wi = w[blockIdx.x];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] += wi * s[j];
+}
+
+extern "C" __global__ void fill_zero(float* x, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = 0.0f;
+}

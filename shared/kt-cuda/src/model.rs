@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 use kt_models::config::RopeStyle;
 use kt_models::linear::{to_f32, Linear};
 use kt_models::model::{Attention, Ffn, MlaQuery};
-use kt_models::moe::{route, Mlp};
+use kt_models::moe::{route, LocalExperts, Mlp, NO_EXPERT};
 use kt_models::{KvBlocks, Model, ModelError, Step};
 
 use crate::device::{Arg, Dev, Gpu, WeightDtype};
@@ -209,6 +209,9 @@ struct GpuMoe {
     router_bias: Option<Vec<f32>>,
     shared: Option<GpuMlp>,
     shared_gate: Option<GpuLinear>,
+    /// Routed experts computed on this GPU ("hot" experts), by expert id; tokens routed to
+    /// them never go to the CPU tier.
+    hot: Vec<(usize, GpuMlp)>,
 }
 
 // One per layer, built once: the size difference of the variants costs nothing.
@@ -436,6 +439,7 @@ impl CudaModel {
                         .as_ref()
                         .map(|g| GpuLinear::new(gpu, g, WeightDtype::F32))
                         .transpose()?,
+                    hot: Vec::new(),
                 }),
             };
             layers.push(GpuLayer {
@@ -523,6 +527,58 @@ impl CudaModel {
     /// Bytes of weights held on the device (matrices and embedding).
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Keeps the routed experts `hot[l]` of each MoE layer `l` on the layer's GPU (copies from
+    /// `local`, which must hold them) and computes the tokens routed to them there; the other
+    /// experts stay with the CPU tier. Replaces any earlier choice; an empty list for a layer
+    /// keeps all of its experts on the CPU tier.
+    pub fn set_hot_experts(
+        &mut self,
+        local: &LocalExperts,
+        hot: &[Vec<usize>],
+    ) -> Result<(), CudaError> {
+        if hot.len() != self.layers.len() {
+            return Err(ModelError::Config(format!(
+                "hot experts given for {} layers, the model has {}",
+                hot.len(),
+                self.layers.len()
+            ))
+            .into());
+        }
+        let dtype = self.opts.dtype;
+        for (l, ids) in hot.iter().enumerate() {
+            let gpu = &self.gpus[self.layer_dev[l]];
+            gpu.ctx.bind_to_thread()?;
+            let GpuFfn::Moe(m) = &mut self.layers[l].ffn else {
+                if ids.is_empty() {
+                    continue;
+                }
+                return Err(ModelError::Config(format!("layer {l} has no routed experts")).into());
+            };
+            let mut experts = Vec::with_capacity(ids.len());
+            for &e in ids {
+                let mlp = local.expert(l, e).ok_or_else(|| {
+                    ModelError::Config(format!("hot expert {e} of layer {l} is not held locally"))
+                })?;
+                let g = GpuMlp::new(gpu, mlp, dtype)?;
+                self.weight_bytes += g.gate.bytes() + g.up.bytes() + g.down.bytes();
+                experts.push((e, g));
+            }
+            m.hot = experts;
+        }
+        Ok(())
+    }
+
+    /// The hot experts in force: per layer, the expert ids computed on the GPU.
+    pub fn hot_experts(&self) -> Vec<Vec<usize>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                GpuFfn::Moe(m) => m.hot.iter().map(|(e, _)| *e).collect(),
+                GpuFfn::Dense(_) => Vec::new(),
+            })
+            .collect()
     }
 
     /// One iteration for several sequences, as [`Model::forward_batch`]: returns each step's
@@ -969,8 +1025,77 @@ impl CudaModel {
             None => None,
         };
         let routing = route(cfg, &logits, m.router_bias.as_deref());
-        let routed = self.model.experts().forward(l, &hidden, &routing)?;
-        let out = g.put(&routed)?;
+        // Tokens routed to hot experts are computed here, queued before the CPU tier's call
+        // so that both run at once; the CPU tier sees those slots as NO_EXPERT.
+        let hot_out = if m.hot.is_empty() {
+            None
+        } else {
+            let acc = g.scratch::<f32>(n * h)?;
+            g.launch_1d(&g.k.fill_zero, n * h, &[Arg::Ptr(g.ptr(&acc)), Arg::I64((n * h) as i64)])?;
+            for (e, mlp) in &m.hot {
+                let (mut rows, mut ws) = (Vec::new(), Vec::new());
+                for t in 0..n {
+                    for j in 0..routing.k {
+                        if routing.ids[t * routing.k + j] as usize == *e {
+                            rows.push(t as i32);
+                            ws.push(routing.weights[t * routing.k + j]);
+                        }
+                    }
+                }
+                if rows.is_empty() {
+                    continue;
+                }
+                let cnt = rows.len();
+                let (rows_d, ws_d) = (g.put(&rows)?, g.put(&ws)?);
+                let xe = g.scratch::<f32>(cnt * h)?;
+                g.launch(
+                    &g.k.gather_rows,
+                    cnt as u32,
+                    256,
+                    0,
+                    &[
+                        Arg::Ptr(g.ptr(y)),
+                        Arg::Ptr(g.ptr(&rows_d)),
+                        Arg::Ptr(g.ptr(&xe)),
+                        Arg::I32(h as i32),
+                    ],
+                )?;
+                let ye = mlp.forward(g, g.ptr(&xe), cnt)?;
+                g.launch(
+                    &g.k.scatter_add_weighted,
+                    cnt as u32,
+                    256,
+                    0,
+                    &[
+                        Arg::Ptr(g.ptr(&acc)),
+                        Arg::Ptr(g.ptr(&ye)),
+                        Arg::Ptr(g.ptr(&rows_d)),
+                        Arg::Ptr(g.ptr(&ws_d)),
+                        Arg::I32(h as i32),
+                    ],
+                )?;
+            }
+            Some(acc)
+        };
+        let mut cold = routing;
+        if hot_out.is_some() {
+            for id in cold.ids.iter_mut() {
+                if m.hot.iter().any(|(e, _)| *e as u32 == *id) {
+                    *id = NO_EXPERT;
+                }
+            }
+        }
+        let out = if cold.ids.iter().all(|&id| id == NO_EXPERT) {
+            let z = g.scratch::<f32>(n * h)?;
+            g.launch_1d(&g.k.fill_zero, n * h, &[Arg::Ptr(g.ptr(&z)), Arg::I64((n * h) as i64)])?;
+            z
+        } else {
+            let routed = self.model.experts().forward(l, &hidden, &cold)?;
+            g.put(&routed)?
+        };
+        if let Some(acc) = hot_out {
+            self.add(out, acc, n * h)?;
+        }
         if let Some(s) = shared {
             self.add(out, s, n * h)?;
         }

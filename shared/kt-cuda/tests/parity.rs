@@ -48,12 +48,18 @@ fn gpu() -> Option<Gpu> {
     }
 }
 
-fn load(name: &str) -> Arc<Model> {
-    // Built here, run on the GPU machine from its copy of the repository root.
+/// The fixture models: built here, run on the GPU machine from its copy of the repository.
+fn fixture_root() -> std::path::PathBuf {
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
-    let root =
-        if built.exists() { built } else { Path::new("tests/fixtures/models").to_path_buf() };
-    let dir = root.join(name);
+    if built.exists() {
+        built
+    } else {
+        Path::new("tests/fixtures/models").to_path_buf()
+    }
+}
+
+fn load(name: &str) -> Arc<Model> {
+    let dir = fixture_root().join(name);
     Arc::new(kt_models::load(&dir.join("hf"), None, MatmulMode::F32).unwrap().model)
 }
 
@@ -263,4 +269,57 @@ fn layers_split_over_two_gpus_match_the_cpu() {
         eprintln!("{name:18} layers over 2 GPUs: max |logit diff| {worst:.2e}");
     }
     drop(second);
+}
+
+/// Hot experts: routed experts kept on the GPU compute the tokens routed to them there, the
+/// rest go to the CPU tier; results equal the CPU's within 1e-4 (the sum over a token's
+/// experts is taken in another order). Needs a GPU.
+#[test]
+fn hot_experts_on_the_gpu_match_the_cpu() {
+    let Some(_) = gpu() else { return };
+    for name in MODELS {
+        let model = load(name);
+        let Some(moe) = model.config.moe.clone() else { continue };
+        let dir = fixture_root().join(name).join("hf");
+        let parts = kt_models::open(&dir, None, MatmulMode::F32).unwrap();
+        // Every other expert of every MoE layer is hot.
+        let hot: Vec<Vec<usize>> = (0..model.config.n_layers)
+            .map(|l| {
+                if model.config.is_moe_layer(l) {
+                    (0..moe.n_experts).step_by(2).collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        let local = kt_models::load_experts(
+            &parts.config,
+            parts.source.tensors(),
+            parts.scheme,
+            MatmulMode::F32,
+            &|l, e| hot[l].contains(&e),
+        )
+        .unwrap();
+        let opts = CudaOptions {
+            dtype: WeightDtype::F32,
+            kv_dtype: KvDtype::F32,
+            block_tokens: 4,
+            kv_blocks: 64,
+        };
+        let mut cuda = CudaModel::new(gpu().unwrap(), model.clone(), opts).unwrap();
+        cuda.set_hot_experts(&local, &hot).unwrap();
+        assert_eq!(cuda.hot_experts(), hot);
+        let mut worst = 0f32;
+        for i in 0..2 {
+            let p = prompt(model.config.vocab_size, i);
+            let cpu = cpu_run(&model, &p, 8);
+            let gpu = gpu_run(&mut cuda, &p, &cpu);
+            for (c, g) in cpu.iter().zip(&gpu) {
+                worst = worst.max(max_diff(c, g));
+                assert_eq!(argmax(c), argmax(g), "{name}: greedy tokens differ");
+            }
+        }
+        assert!(worst <= 1e-4, "{name}: with hot experts, logits differ by {worst}");
+        eprintln!("{name:18} half the experts hot on the GPU: max |logit diff| {worst:.2e}");
+    }
 }
