@@ -16,6 +16,7 @@ mod chat;
 mod embedded;
 mod health;
 mod plan;
+mod serve;
 mod synth;
 
 #[derive(Parser)]
@@ -27,6 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a model over HTTP (OpenAI, Ollama, web UI): gateway, worker and experts in one
+    /// process.
+    Serve(serve::ServeArgs),
     /// Generate tokens from a prompt (the scriptable entry point).
     Generate(GenerateArgs),
     /// Talk to a model in the terminal, turn after turn.
@@ -177,6 +181,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => run_generate(args),
         Command::Chat(args) => chat::run(args),
         Command::Tokenize(args) => run_tokenize(args),

@@ -5,7 +5,7 @@
 //!   the fixture plans say) equals single-process generation for every MoE fixture;
 //! * an expert server killed mid-generation ends the affected request with
 //!   FINISH_REASON_ERROR; the worker keeps running and serves again once the server is back;
-//! * `--device cuda:0` and malformed flags fail with a clear message.
+//! * malformed flags fail with a clear message.
 //!
 //! The `kt-expert` binary is expected next to `kt-worker` (any `cargo test --workspace` or
 //! `cargo build -p kt-expert-service` puts it there).
@@ -172,42 +172,82 @@ const MOE: &[&str] = &[
     "deepseek3-nolora",
 ];
 
+/// A plan for fixture `model` with two expert servers, numa0 and numa1, split as `split`.
+fn plan_file(model: &str, tag: &str, split: &str) -> PathBuf {
+    let arch = kt_models::open(&fixture(model).join("hf"), None, MatmulMode::F32)
+        .unwrap()
+        .config
+        .arch
+        .name();
+    let text = format!(
+        "model: {{arch: {arch}}}\nworker: {{devices: [cpu]}}\nexperts:\n  servers: {{numa0: {{numa: 0}}, numa1: {{numa: 1}}}}\n  {split}\n  kernel: {{decode: native, prefill: native}}\nrules:\n  - {{match: '\\.experts\\.\\d+\\.', kind: experts, place: experts}}\n  - {{match: '.*', place: cpu}}\n"
+    );
+    let dir = std::env::temp_dir().join(format!("kt-worker-proc-plans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{model}-{tag}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Two expert servers for `model` and a worker over them: by `--experts mod:2:R` and no
+/// plan, or both sides from `plan`.
+fn cluster(model: &str, plan: Option<&Path>) -> (Proc, Proc, Proc) {
+    let start = |i: usize| match plan {
+        None => expert(model, &format!("mod:2:{i}"), "127.0.0.1:0"),
+        Some(p) => {
+            let mut cmd = Command::new(expert_bin());
+            cmd.env("KT_EXPERT_MODEL", fixture(model).join("hf"))
+                .env("KT_EXPERT_LISTEN", "127.0.0.1:0")
+                .env("KT_EXPERT_PLAN", p)
+                .env("KT_EXPERT_NAME", format!("numa{i}"))
+                .env("KT_EXPERT_THREADS", "1");
+            start(cmd)
+        }
+    };
+    let (a, b) = (start(0), start(1));
+    let mut env = vec![
+        ("KT_WORKER_EXPERT", format!("numa0={},numa1={}", a.addr, b.addr)),
+        ("KT_WORKER_KV_MEMORY", "0.01".into()),
+    ];
+    if let Some(p) = plan {
+        env.push(("KT_WORKER_PLAN", p.display().to_string()));
+    }
+    let w = worker(&fixture(model).join("hf"), &env);
+    (a, b, w)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_over_two_expert_processes_matches_single_process() {
-    for (i, model) in MOE.iter().enumerate() {
-        let a = expert(model, "mod:2:0", "127.0.0.1:0");
-        let b = expert(model, "mod:2:1", "127.0.0.1:0");
-        let mut env = vec![
-            ("KT_WORKER_EXPERT", format!("numa0={},numa1={}", a.addr, b.addr)),
-            ("KT_WORKER_KV_MEMORY", "0.01".into()),
-        ];
-        // Half of them through the fixture's plan (it names numa0 and numa1, by expert id).
-        if i % 2 == 0 {
-            env.push((
-                "KT_WORKER_PLAN",
-                root().join(format!("rules/fixtures/{model}.yaml")).display().to_string(),
-            ));
+    for model in MOE {
+        let by_id = plan_file(model, "by-id", "split: by_expert\n  assign: round_robin");
+        let sliced = plan_file(model, "sliced", "split: intermediate");
+        for (how, plan) in [
+            ("mod:2", None),
+            ("plan by_expert", Some(&by_id)),
+            ("plan intermediate", Some(&sliced)),
+        ] {
+            let what = format!("{model}, {how}");
+            let (_a, _b, w) = cluster(model, plan.map(PathBuf::as_path));
+            let mut c = client(&w.addr).await;
+            let path = fixture(model).join("hf");
+            let p = prompt(model);
+            // Several at once, so that iterations batch them over the expert servers.
+            let mut runs = Vec::new();
+            for j in 0..4u32 {
+                let mut c = c.clone();
+                let p = p.clone();
+                runs.push(tokio::spawn(async move {
+                    run(&mut c, request(&format!("r{j}"), p, 24 + j)).await
+                }));
+            }
+            for (j, r) in runs.into_iter().enumerate() {
+                let (tokens, fin) = r.await.unwrap();
+                assert_eq!(fin.reason, Wire::Length as i32, "{what}: {}", fin.message);
+                check_equal(&what, &tokens, &local(&path, &p, 24 + j));
+            }
+            let info = c.info(WorkerInfoRequest {}).await.unwrap().into_inner();
+            assert_eq!(info.kv_blocks_free, info.kv_blocks_total);
         }
-        let path = fixture(model).join("hf");
-        let w = worker(&path, &env);
-        let mut c = client(&w.addr).await;
-        let p = prompt(model);
-        // Several at once, so that iterations batch them over the expert servers.
-        let mut runs = Vec::new();
-        for j in 0..4u32 {
-            let mut c = c.clone();
-            let p = p.clone();
-            runs.push(tokio::spawn(async move {
-                run(&mut c, request(&format!("r{j}"), p, 24 + j)).await
-            }));
-        }
-        for (j, r) in runs.into_iter().enumerate() {
-            let (tokens, fin) = r.await.unwrap();
-            assert_eq!(fin.reason, Wire::Length as i32, "{model}: {}", fin.message);
-            check_equal(model, &tokens, &local(&path, &p, 24 + j));
-        }
-        let info = c.info(WorkerInfoRequest {}).await.unwrap().into_inner();
-        assert_eq!(info.kv_blocks_free, info.kv_blocks_total);
     }
 }
 
@@ -310,7 +350,7 @@ async fn an_expert_server_killed_mid_generation_fails_its_requests_and_comes_bac
 }
 
 #[test]
-fn cuda_devices_and_bad_flags_fail_clearly() {
+fn bad_flags_fail_clearly() {
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_kt-worker"))
             .args(["--model", &fixture("llama").join("hf").display().to_string()])
@@ -320,8 +360,8 @@ fn cuda_devices_and_bad_flags_fail_clearly() {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let err = run(&["--device", "cuda:0"]);
-    assert!(err.contains("CUDA backend is not available"), "{err}");
+    let err = run(&["--device", "tpu:0"]);
+    assert!(err.contains("expected cpu or cuda:N"), "{err}");
     let err = run(&["--expert", "nonsense"]);
     assert!(err.contains("NAME=ADDR"), "{err}");
     let err = run(&["--expert", "numa0=127.0.0.1:1"]);

@@ -614,6 +614,8 @@ impl<B: Backend> Scheduler<B> {
             message,
         };
         tracing::debug!(id = %s.id, ?reason, tokens = finished.completion_tokens, "finished");
+        // Counters first: whoever sees the finished event sees the blocks back.
+        self.publish();
         let _ = s.events.send(Event::Finished(finished));
     }
 

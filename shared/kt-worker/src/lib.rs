@@ -31,11 +31,13 @@
 //! ```
 
 pub mod backend;
+pub mod cuda;
 pub mod engine;
 pub mod service;
 pub mod setup;
 
 pub use backend::{Backend, BatchStep, CpuBackend, KvSize};
+pub use cuda::CudaBackend;
 pub use engine::{
     Engine, EngineOptions, Event, Events, FinishReason, Finished, ModelSummary, Request, Stats,
     SubmitError, Token,

@@ -3,18 +3,18 @@
 //!
 //! Without expert servers the worker holds every routed expert itself (a self-contained
 //! worker). With them it loads none: each MoE layer asks, concurrently, every server that
-//! holds some of the chosen experts ([`kt_models::ShardedExperts`]) over one long-lived
-//! stream per server, and adds the answers. A server that fails is reconnected on a later
-//! call ([`Reconnecting`]), so the worker serves again once the server is back.
+//! holds some of the chosen experts ([`kt_models::ShardedExperts`]; with a plan's
+//! `intermediate` split every server's partial sum, [`kt_expert::SlicedExperts`]) over one
+//! long-lived link per server (shared memory on the same host, else gRPC), and adds the
+//! answers. [`RemoteExperts`] reconnects a lost server with backoff, so the worker serves
+//! again once the server is back; calls meanwhile fail with [`ModelError::Experts`].
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use kt_expert::{identity, RemoteExperts, RemoteOptions};
-use kt_models::{Experts, MatmulMode, Model, ModelError, Routing, ShardedExperts};
-use kt_plan::{Plan, Split};
-use kt_proto::v1::ModelIdentity;
+use kt_models::{Experts, MatmulMode, Model, ModelConfig, ShardedExperts};
+use kt_plan::{ModelShape, Plan};
 
 use crate::WorkerError;
 
@@ -103,44 +103,35 @@ pub fn load_model(opts: &ModelOptions) -> Result<WorkerModel, WorkerError> {
             )));
         }
     }
-    let servers = expert_servers(plan.as_ref(), &opts.experts)?;
-    let model = if servers.is_empty() {
-        Model::load(config, parts.source.tensors(), parts.scheme, opts.mode)?
-    } else {
-        let Some(moe) = &config.moe else {
-            return Err(WorkerError::Config(
-                "expert servers were given, but the model has no routed experts".into(),
-            ));
-        };
-        let ours = identity(&name, &config);
-        let (nl, ne) = (config.n_layers, moe.n_experts);
-        let mut sharded = ShardedExperts::new(config.hidden);
-        let mut covered = vec![vec![false; ne]; nl];
-        for s in &servers {
-            let remote = Reconnecting::connect(s, &ours, &opts.remote, nl, ne)?;
-            for (l, row) in remote.owns.iter().enumerate() {
-                for (e, &o) in row.iter().enumerate() {
-                    covered[l][e] |= o;
-                }
-            }
-            let owns = remote.owns.clone();
-            sharded = sharded.add(Arc::new(remote), owns);
+    let experts = match &plan {
+        Some(plan) if plan.experts.is_some() && !opts.experts.is_empty() => {
+            let shape = ModelShape::open(&opts.path, None)
+                .map_err(|e| WorkerError::Config(format!("plan {}: {e}", plan.file)))?;
+            let ours = identity(&name, &config);
+            let addrs: Vec<(String, String)> =
+                opts.experts.iter().map(|a| (a.name.clone(), a.addr.clone())).collect();
+            Some(
+                kt_expert::connect_plan(plan, &shape, &ours, &addrs, &opts.remote)
+                    .map_err(|e| WorkerError::Experts(e.to_string()))?,
+            )
         }
-        let missing: Vec<String> = (0..nl)
-            .filter(|&l| config.is_moe_layer(l))
-            .flat_map(|l| (0..ne).map(move |e| (l, e)))
-            .filter(|&(l, e)| !covered[l][e])
-            .take(8)
-            .map(|(l, e)| format!("layer {l} expert {e}"))
-            .collect();
-        if !missing.is_empty() {
+        Some(plan) if plan.experts.is_none() && !opts.experts.is_empty() => {
             return Err(WorkerError::Config(format!(
-                "no expert server holds {} (and maybe more)",
-                missing.join(", ")
+                "plan {} has no expert tier, but --expert servers were given",
+                plan.file
             )));
         }
-        Model::load_with(config, parts.source.tensors(), parts.scheme, opts.mode, &|_, _| false)?
-            .with_experts(Arc::new(sharded))
+        _ if opts.experts.is_empty() => None,
+        _ => Some(connect_servers(&name, &config, &opts.experts, &opts.remote)?),
+    };
+    let model = match experts {
+        None => Model::load(config, parts.source.tensors(), parts.scheme, opts.mode)?,
+        Some(experts) => {
+            Model::load_with(config, parts.source.tensors(), parts.scheme, opts.mode, &|_, _| {
+                false
+            })?
+            .with_experts(experts)
+        }
     };
     let model = match opts.experts_per_token {
         Some(k) => model.with_experts_per_token(k)?,
@@ -149,159 +140,51 @@ pub fn load_model(opts: &ModelOptions) -> Result<WorkerModel, WorkerError> {
     Ok(WorkerModel { model, name, eos_ids: parts.eos_ids })
 }
 
-/// The servers to connect to, in plan order when a plan names them.
-fn expert_servers(
-    plan: Option<&Plan>,
-    given: &[ExpertAddr],
-) -> Result<Vec<ExpertAddr>, WorkerError> {
-    for (i, a) in given.iter().enumerate() {
-        if given[..i].iter().any(|b| b.name == a.name) {
+/// Without a plan: connects to every server, learns from `Info` what each holds, checks that
+/// together they hold every routed expert, and shards calls by owner.
+fn connect_servers(
+    name: &str,
+    config: &ModelConfig,
+    servers: &[ExpertAddr],
+    opts: &RemoteOptions,
+) -> Result<Arc<dyn Experts>, WorkerError> {
+    let Some(moe) = &config.moe else {
+        return Err(WorkerError::Config(
+            "expert servers were given, but the model has no routed experts".into(),
+        ));
+    };
+    for (i, a) in servers.iter().enumerate() {
+        if servers[..i].iter().any(|b| b.name == a.name) {
             return Err(WorkerError::Config(format!("--expert {} is given twice", a.name)));
         }
     }
-    let Some(tier) = plan.and_then(|p| p.experts.as_ref()) else {
-        if let Some(p) = plan {
-            if !given.is_empty() {
-                return Err(WorkerError::Config(format!(
-                    "plan {} has no expert tier, but --expert servers were given",
-                    p.file
-                )));
+    let ours = identity(name, config);
+    let (nl, ne) = (config.n_layers, moe.n_experts);
+    let mut sharded = ShardedExperts::new(config.hidden);
+    let mut covered = vec![vec![false; ne]; nl];
+    for s in servers {
+        let remote = RemoteExperts::connect(&s.addr, &ours, opts.clone())
+            .map_err(|e| WorkerError::Experts(format!("{}: {e}", s.name)))?;
+        let owns = remote.owns(nl, ne);
+        for (row, mine) in covered.iter_mut().zip(&owns) {
+            for (c, &o) in row.iter_mut().zip(mine) {
+                *c |= o;
             }
         }
-        return Ok(given.to_vec());
-    };
-    if matches!(tier.split, Split::Intermediate(_)) {
-        return Err(WorkerError::Config(
-            "the plan splits experts by intermediate slices, which this worker cannot combine \
-             yet; use a by_expert or by_layer plan"
-                .into(),
-        ));
+        sharded = sharded.add(Arc::new(remote), owns);
     }
-    if given.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut out = Vec::new();
-    for s in &tier.servers {
-        match given.iter().find(|a| a.name == s.name) {
-            Some(a) => out.push(a.clone()),
-            None => {
-                return Err(WorkerError::Config(format!(
-                    "the plan's expert server `{}` has no address: add --expert {}=HOST:PORT",
-                    s.name, s.name
-                )))
-            }
-        }
-    }
-    if let Some(extra) = given.iter().find(|a| tier.server(&a.name).is_none()) {
+    let missing: Vec<String> = (0..nl)
+        .filter(|&l| config.is_moe_layer(l))
+        .flat_map(|l| (0..ne).map(move |e| (l, e)))
+        .filter(|&(l, e)| !covered[l][e])
+        .take(8)
+        .map(|(l, e)| format!("layer {l} expert {e}"))
+        .collect();
+    if !missing.is_empty() {
         return Err(WorkerError::Config(format!(
-            "--expert {}: the plan names no such server (it has {})",
-            extra.name,
-            tier.servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            "no expert server holds {} (and maybe more)",
+            missing.join(", ")
         )));
     }
-    Ok(out)
-}
-
-/// Least time between two reconnection attempts to one server.
-const RECONNECT_EVERY: Duration = Duration::from_millis(500);
-
-/// One expert server behind [`RemoteExperts`], reconnected after a failure: a call that
-/// fails drops the stream, and the next call (at most every [`RECONNECT_EVERY`]) connects
-/// again. A server that comes back holding different experts is refused.
-pub struct Reconnecting {
-    name: String,
-    addr: String,
-    ours: ModelIdentity,
-    opts: RemoteOptions,
-    /// `owns[layer][expert]`, as the server said at the first connect.
-    owns: Vec<Vec<bool>>,
-    shape: (usize, usize),
-    current: Mutex<Option<Arc<RemoteExperts>>>,
-    last_attempt: Mutex<Instant>,
-}
-
-impl std::fmt::Debug for Reconnecting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reconnecting").field("name", &self.name).field("addr", &self.addr).finish()
-    }
-}
-
-impl Reconnecting {
-    /// Connects to `server` (failing when it is unreachable or serves another model).
-    pub fn connect(
-        server: &ExpertAddr,
-        ours: &ModelIdentity,
-        opts: &RemoteOptions,
-        n_layers: usize,
-        n_experts: usize,
-    ) -> Result<Self, WorkerError> {
-        let remote = RemoteExperts::connect(&server.addr, ours, opts.clone())
-            .map_err(|e| WorkerError::Experts(format!("{}: {e}", server.name)))?;
-        let owns = remote.owns(n_layers, n_experts);
-        Ok(Self {
-            name: server.name.clone(),
-            addr: server.addr.clone(),
-            ours: ours.clone(),
-            opts: opts.clone(),
-            owns,
-            shape: (n_layers, n_experts),
-            current: Mutex::new(Some(Arc::new(remote))),
-            last_attempt: Mutex::new(Instant::now()),
-        })
-    }
-
-    /// `owns[layer][expert]`.
-    pub fn owns(&self) -> &[Vec<bool>] {
-        &self.owns
-    }
-
-    fn client(&self) -> Result<Arc<RemoteExperts>, ModelError> {
-        if let Some(c) = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            return Ok(c.clone());
-        }
-        {
-            let mut last = self.last_attempt.lock().unwrap_or_else(PoisonError::into_inner);
-            if last.elapsed() < RECONNECT_EVERY {
-                return Err(ModelError::Experts(format!(
-                    "expert server {} ({}) is down; reconnecting",
-                    self.name, self.addr
-                )));
-            }
-            *last = Instant::now();
-        }
-        let remote = RemoteExperts::connect(&self.addr, &self.ours, self.opts.clone())
-            .map_err(|e| ModelError::Experts(format!("{}: {e}", self.name)))?;
-        let owns = remote.owns(self.shape.0, self.shape.1);
-        if owns != self.owns {
-            return Err(ModelError::Experts(format!(
-                "expert server {} ({}) came back holding different experts than at start",
-                self.name, self.addr
-            )));
-        }
-        tracing::info!(name = %self.name, addr = %self.addr, "reconnected to expert server");
-        let remote = Arc::new(remote);
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(remote.clone());
-        Ok(remote)
-    }
-}
-
-impl Experts for Reconnecting {
-    fn forward(
-        &self,
-        layer: usize,
-        hidden: &[f32],
-        routing: &Routing,
-    ) -> Result<Vec<f32>, ModelError> {
-        let client = self.client()?;
-        let out = client.forward(layer, hidden, routing);
-        if let Err(ModelError::Experts(_)) = &out {
-            // Dead, stalled or refusing: drop this stream; a later call connects again.
-            let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-            if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
-                *cur = None;
-                *self.last_attempt.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-            }
-        }
-        out
-    }
+    Ok(Arc::new(sharded))
 }

@@ -136,7 +136,12 @@ fn cancel_and_dropped_receivers_free_blocks() {
     drop(b);
     // The scheduler sees the dropped receiver at its next iteration.
     let mut spins = 0;
-    while e.stats().free_blocks != total || e.stats().running != 0 {
+    // (Counters are published after each iteration: wait until nothing runs or waits.)
+    loop {
+        let st = e.stats();
+        if st.free_blocks == total && st.running == 0 && st.waiting == 0 {
+            break;
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
         spins += 1;
         assert!(spins < 4000, "blocks of a dropped sequence never came back: {:?}", e.stats());

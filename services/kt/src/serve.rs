@@ -1,0 +1,105 @@
+//! `kt serve`: the gateway, a worker and its routed experts in one process. The worker is
+//! kt-worker's engine behind its `kt.v1.Worker` service, reached by the gateway over an
+//! in-process channel (the same code paths as separate services); the routed experts are
+//! held in this process and called directly through the expert seam.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kt_gateway::{in_process_channel, Gateway, GatewayConfig, ModelCard, WorkerEndpoint};
+use kt_worker::{CpuBackend, Engine, EngineOptions, KvSize, WorkerService};
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address of the HTTP API (OpenAI, Ollama, web UI). Port 0 picks one; the bound address
+    /// is printed on stdout as `listening on ADDR`.
+    #[arg(long, env = "KT_SERVE_LISTEN", default_value = "127.0.0.1:11434")]
+    listen: String,
+    /// KV-cache memory in GiB (never more than --max-batch full contexts are allocated).
+    #[arg(long, env = "KT_SERVE_KV_MEMORY", default_value_t = 2.0)]
+    kv_memory: f64,
+    /// Positions per KV-cache block.
+    #[arg(long, env = "KT_SERVE_BLOCK_TOKENS", default_value_t = 16)]
+    block_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, env = "KT_SERVE_MAX_BATCH", default_value_t = 32)]
+    max_batch: usize,
+    /// Most tokens in one iteration (decode steps plus prefill chunks).
+    #[arg(long, env = "KT_SERVE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Routed experts per token, lower than the model's top-k ("selective experts").
+    #[arg(long, env = "KT_SERVE_EXPERTS_PER_TOKEN")]
+    experts_per_token: Option<usize>,
+    /// API keys the gateway accepts (comma-separated); none = no key needed.
+    #[arg(long, env = "KT_SERVE_API_KEYS", value_delimiter = ',')]
+    api_key: Vec<String>,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if !(args.kv_memory > 0.0 && args.kv_memory.is_finite()) {
+        anyhow::bail!("--kv-memory {}: must be a positive number of GiB", args.kv_memory);
+    }
+    let loaded = crate::load_model(&args.model)?;
+    let (name, card) = match &args.model.model {
+        Some(path) => {
+            let name = model_name(path);
+            let card = ModelCard::from_path(path, Some(name.clone()))
+                .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
+            (name, card)
+        }
+        None => {
+            let card = ModelCard::embedded().context("embedded model")?;
+            ("qwen3moe-tiny".to_string(), card)
+        }
+    };
+    let model = match args.experts_per_token {
+        Some(k) => loaded.model.with_experts_per_token(k)?,
+        None => loaded.model,
+    };
+    let size = KvSize::Bytes((args.kv_memory * (1u64 << 30) as f64) as usize);
+    let backend = CpuBackend::sized(Arc::new(model), args.block_tokens, size, args.max_batch);
+    let engine = Engine::start(
+        backend,
+        EngineOptions { max_batch: args.max_batch, max_batch_tokens: args.max_batch_tokens },
+    )?;
+    let m = engine.model();
+    tracing::info!(
+        model = %name,
+        kv_blocks = m.total_blocks,
+        block_tokens = m.block_tokens,
+        experts_per_token = m.experts_per_token,
+        "worker ready"
+    );
+    let service = WorkerService::new(engine, &name);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let channel = in_process_channel(service.into_server());
+        let workers = vec![WorkerEndpoint { name: "local".into(), channel }];
+        let cfg = GatewayConfig { api_keys: args.api_key.clone(), ..GatewayConfig::default() };
+        let gateway = Gateway::new(cfg, card, workers)?;
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("listening on {addr}");
+        eprintln!("kt serve: {name} at http://{addr} (OpenAI /v1, Ollama /api, web UI /)");
+        gateway
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+/// A model's name: its file or folder name.
+fn model_name(path: &std::path::Path) -> String {
+    let p = PathBuf::from(path);
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
