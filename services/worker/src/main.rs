@@ -25,6 +25,7 @@ mod env {
     pub const MAX_BATCH_TOKENS: &str = "KT_WORKER_MAX_BATCH_TOKENS";
     pub const EXPERTS_PER_TOKEN: &str = "KT_WORKER_EXPERTS_PER_TOKEN";
     pub const EXPERT_TIMEOUT: &str = "KT_WORKER_EXPERT_TIMEOUT";
+    pub const MATMUL: &str = "KT_WORKER_MATMUL";
 }
 
 #[derive(Parser, Debug)]
@@ -77,6 +78,16 @@ struct Args {
     /// Seconds to wait for an expert server's answer before the affected requests fail.
     #[arg(long, env = env::EXPERT_TIMEOUT, default_value_t = 30.0)]
     expert_timeout: f64,
+    /// Products on the CPU: f32 (exact, the reference) or ggml (activations quantized as
+    /// llama.cpp does; the fast kernels for quantized weights, incl. locally held experts).
+    #[arg(long, env = env::MATMUL, value_enum, default_value_t = Matmul::F32)]
+    matmul: Matmul,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Matmul {
+    F32,
+    Ggml,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,6 +123,10 @@ fn main() -> anyhow::Result<()> {
     opts.plan = args.plan.clone();
     opts.experts = args.experts.clone();
     opts.experts_per_token = args.experts_per_token;
+    opts.mode = match args.matmul {
+        Matmul::F32 => kt_models::MatmulMode::F32,
+        Matmul::Ggml => kt_models::MatmulMode::Ggml,
+    };
     opts.remote.timeout = Duration::from_secs_f64(args.expert_timeout);
     let loaded = kt_worker::setup::load_model(&opts)
         .with_context(|| format!("loading {}", args.model.display()))?;
