@@ -64,8 +64,9 @@ struct TransportArgs {
     /// Shared-memory directory for the shm transport.
     #[arg(long, default_value = kt_expert::DEFAULT_SHM_DIR, env = "KT_BENCH_SHM_DIR")]
     shm_dir: std::path::PathBuf,
-    /// How long each side of the ring spins before backing off, µs.
-    #[arg(long, default_value_t = 200, env = "KT_BENCH_SHM_SPIN_US")]
+    /// How long each side of the ring busy-spins before it yields the CPU, µs (0 = yield at
+    /// once).
+    #[arg(long, default_value_t = 0, env = "KT_BENCH_SHM_SPIN_US")]
     shm_spin_us: u64,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long, env = "KT_BENCH_JSON")]

@@ -91,7 +91,7 @@ impl Default for BenchConfig {
             top_k: 8,
             n_experts: 256,
             shm_dir: crate::DEFAULT_SHM_DIR.into(),
-            shm_spin: std::time::Duration::from_micros(200),
+            shm_spin: std::time::Duration::ZERO,
         }
     }
 }

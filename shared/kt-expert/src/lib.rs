@@ -5,7 +5,8 @@
 //!   [`numa`]), never on the async executor. [`serve`] runs it on a listener; [`ServerHandle`]
 //!   runs it on its own runtime (tests, `kt serve`).
 //!   It also offers shared-memory rings (`OpenShm`, kt-proto's [`kt_proto::shm`]) to clients
-//!   on the same host, served by a polling thread per ring.
+//!   on the same host, all served by one polling job on the compute pool (no hand-off
+//!   between threads per call).
 //! * [`RemoteExperts`] implements [`kt_models::Experts`] over ONE long-lived `Forward` stream
 //!   per server, plus a shared-memory ring when both sides prove they share `/dev/shm`; each
 //!   call blocks on its answer with a timeout; a dead link reconnects with backoff.

@@ -53,8 +53,9 @@ pub struct ServerOptions {
     pub mode: MatmulMode,
     /// Where shared-memory rings are created (`/dev/shm`); `None` offers none (gRPC only).
     pub shm_dir: Option<PathBuf>,
-    /// How long a ring's poller spins after its last request before it starts to back off
-    /// (yield, then sleep in 50 µs steps).
+    /// How long the ring poller busy-spins after its last request before it yields the CPU
+    /// (then, after 2 ms without requests, sleeps in 50 µs steps). Default 0: yield at once
+    /// (~1 µs where cores are free; an oversubscribed host keeps running its other threads).
     pub shm_spin: Duration,
 }
 
@@ -67,7 +68,7 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             mode: MatmulMode::F32,
             shm_dir: Some(PathBuf::from(DEFAULT_SHM_DIR)),
-            shm_spin: Duration::from_micros(200),
+            shm_spin: Duration::ZERO,
         }
     }
 }
@@ -91,8 +92,8 @@ struct Inner {
     /// Rings offered by `OpenShm`, waiting for their `Forward` stream.
     pending: Mutex<HashMap<String, (Ring, Instant)>>,
     rings_made: AtomicU64,
-    /// CPUs the compute threads (and ring pollers) are pinned to.
-    cpus: Option<Vec<usize>>,
+    /// Rings attached to streams, served by one poller job on the pool.
+    rings: Mutex<Rings>,
 }
 
 /// The Expert service; cheap to clone.
@@ -338,7 +339,7 @@ impl ExpertService {
                 shm_off,
                 pending: Mutex::new(HashMap::new()),
                 rings_made: AtomicU64::new(0),
-                cpus,
+                rings: Mutex::new(Rings::default()),
             }),
         })
     }
@@ -404,7 +405,7 @@ impl Inner {
     }
 
     /// Takes the offered ring `name` for a `Forward` stream and starts serving it; the
-    /// returned guard stops the poller when dropped (the stream ended).
+    /// returned guard stops serving it when dropped (the stream ended).
     fn attach(self: &Arc<Self>, name: &str) -> Result<RingGuard, String> {
         let ring = self
             .pending
@@ -419,65 +420,87 @@ impl Inner {
         }
         ring.unlink();
         ring.set_ring_state(shm::RING_SERVING);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (inner, stop2) = (self.clone(), stop.clone());
-        let ring = Arc::new(ring);
-        let r2 = ring.clone();
-        std::thread::Builder::new()
-            .name("kt-expert-shm".into())
-            .spawn(move || inner.poll_ring(&r2, &stop2))
-            .map_err(|e| format!("cannot start the ring's poller: {e}"))?;
-        self.metrics.shm_rings(1);
-        Ok(RingGuard { stop, ring, metrics: self.metrics.clone() })
-    }
-
-    /// Serves `ring` until `stop`: spins on the slots' state words, computes each request on
-    /// the pool, writes the answer back.
-    fn poll_ring(&self, ring: &Ring, stop: &AtomicBool) {
-        if let Some(cpus) = &self.cpus {
-            if let Err(err) = numa::pin_current_thread(cpus) {
-                tracing::warn!(%err, "cannot pin the ring poller; running unpinned");
+        let entry = Arc::new(RingEntry { ring, stop: AtomicBool::new(false) });
+        {
+            let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+            rings.list.push(entry.clone());
+            rings.changed = true;
+            if !rings.poller {
+                rings.poller = true;
+                let inner = self.clone();
+                self.pool.spawn(move || inner.poll_rings());
             }
         }
-        let slots = ring.layout().slots;
+        self.metrics.shm_rings(1);
+        Ok(RingGuard { entry, metrics: self.metrics.clone() })
+    }
+
+    /// The poller: one job on the compute pool serving every attached ring, for as long as
+    /// there is one. It spins on the slots' state words and computes each request right here
+    /// on the pool (its parallel loops spread over the other pool threads), so a call costs
+    /// no hand-off between threads. Idle, it runs queued pool work (the gRPC path's) and backs
+    /// off: spin, yield, then sleep in short steps.
+    fn poll_rings(self: &Arc<Self>) {
+        let mut rings: Vec<Arc<RingEntry>> = Vec::new();
         let mut backoff = Backoff::new(self.shm_spin);
-        tracing::debug!(slots, "serving a shared-memory ring");
-        'outer: while !stop.load(Ordering::Acquire) {
+        loop {
+            {
+                let mut shared = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+                shared.list.retain(|e| !e.stop.load(Ordering::Acquire));
+                if shared.list.is_empty() {
+                    shared.poller = false;
+                    return;
+                }
+                if shared.changed || rings.len() != shared.list.len() {
+                    rings.clone_from(&shared.list);
+                    shared.changed = false;
+                }
+            }
             let mut busy = false;
-            for slot in 0..slots {
-                match ring.slot_state(slot) {
-                    Ok(shm::REQUEST) => {
+            for _ in 0..64 {
+                for e in &rings {
+                    if !e.stop.load(Ordering::Relaxed) && self.poll_ring_once(e) {
                         busy = true;
-                        if let Err(err) = self.serve_slot(ring, slot) {
-                            tracing::warn!(slot, %err, "closing a broken shared-memory ring");
-                            self.metrics.error(ErrorKind::ShmRing);
-                            break 'outer;
-                        }
-                    }
-                    Ok(shm::FREE | shm::TAKEN | shm::RESPONSE) => {}
-                    Ok(other) => {
-                        tracing::warn!(
-                            slot,
-                            state = other,
-                            "closing a shared-memory ring with a slot in an unknown state"
-                        );
-                        self.metrics.error(ErrorKind::ShmRing);
-                        break 'outer;
-                    }
-                    Err(err) => {
-                        tracing::warn!(slot, %err, "closing a broken shared-memory ring");
-                        break 'outer;
                     }
                 }
+                if busy {
+                    break;
+                }
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    break;
+                }
+                backoff.snooze();
             }
             if busy {
                 backoff.reset();
-            } else {
-                backoff.snooze();
             }
         }
-        ring.set_ring_state(shm::RING_CLOSED);
-        tracing::debug!("shared-memory ring closed");
+    }
+
+    /// Serves the requests waiting in one ring; whether there were any. A ring whose contents
+    /// break the protocol is closed (its client falls back to gRPC).
+    fn poll_ring_once(&self, e: &RingEntry) -> bool {
+        let ring = &e.ring;
+        let mut busy = false;
+        for slot in 0..ring.layout().slots {
+            let broken = match ring.slot_state(slot) {
+                Ok(shm::REQUEST) => {
+                    busy = true;
+                    self.serve_slot(ring, slot).err().map(|err| err.to_string())
+                }
+                Ok(shm::FREE | shm::TAKEN | shm::RESPONSE) => None,
+                Ok(other) => Some(format!("slot {slot} is in unknown state {other}")),
+                Err(err) => Some(err.to_string()),
+            };
+            if let Some(why) = broken {
+                tracing::warn!(%why, "closing a broken shared-memory ring");
+                self.metrics.error(ErrorKind::ShmRing);
+                e.stop.store(true, Ordering::Release);
+                ring.set_ring_state(shm::RING_CLOSED);
+                break;
+            }
+        }
+        busy
     }
 
     fn serve_slot(&self, ring: &Ring, slot: usize) -> Result<(), shm::ShmError> {
@@ -492,24 +515,40 @@ impl Inner {
                 return ring.post_response(slot, seq, Err((Code::InvalidArgument as u32, &msg)));
             }
         };
-        match self.pool.install(|| self.run(&call, Via::Shm, arrived)) {
+        match self.run(&call, Via::Shm, arrived) {
             Ok(out) => ring.post_response(slot, seq, Ok((&out, call.dtype))),
             Err((code, msg)) => ring.post_response(slot, seq, Err((code as u32, &msg))),
         }
     }
 }
 
+/// A ring being served.
+struct RingEntry {
+    ring: Ring,
+    /// Set when its stream ended (or the ring broke): the poller drops it.
+    stop: AtomicBool,
+}
+
+/// The rings the poller serves.
+#[derive(Default)]
+struct Rings {
+    list: Vec<Arc<RingEntry>>,
+    /// `list` changed since the poller last copied it.
+    changed: bool,
+    /// Whether the poller job is running.
+    poller: bool,
+}
+
 /// Keeps a ring served while its `Forward` stream lives.
 struct RingGuard {
-    stop: Arc<AtomicBool>,
-    ring: Arc<Ring>,
+    entry: Arc<RingEntry>,
     metrics: Arc<Metrics>,
 }
 
 impl Drop for RingGuard {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.ring.set_ring_state(shm::RING_CLOSED);
+        self.entry.stop.store(true, Ordering::Release);
+        self.entry.ring.set_ring_state(shm::RING_CLOSED);
         self.metrics.shm_rings(-1);
     }
 }
@@ -705,6 +744,9 @@ pub async fn serve(
         Ok::<_, std::io::Error>(s)
     });
     tonic::transport::Server::builder()
+        // Large windows: requests of a prefill chunk are megabytes (see RemoteExperts).
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .add_service(
             ExpertServer::new(service)
                 .max_decoding_message_size(max)

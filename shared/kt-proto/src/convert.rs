@@ -98,9 +98,24 @@ pub fn write_values(values: &[f32], dtype: WireDType, out: &mut [u8]) {
         }
         WireDType::Bf16 => {
             for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+                o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
             }
         }
+    }
+}
+
+/// `v` rounded to bfloat16 (nearest, ties to even), as bits. Branch-free so that loops over
+/// it vectorize; NaN stays NaN (activations are checked for finiteness anyway), overflow
+/// rounds to infinity, as `half::bf16::from_f32` does.
+#[inline]
+pub fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if nan {
+        ((b >> 16) as u16) | 0x0040
+    } else {
+        rounded
     }
 }
 
@@ -436,6 +451,25 @@ mod tests {
         req.hidden.as_mut().unwrap().payload =
             Some(Payload::Shm(ShmHandle { name: "x".into(), offset: 0, len: 32 }));
         assert!(matches!(err(&req), WireError::Unsupported { field: "payload", .. }));
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut x = 0x1234_5678u32;
+        let mut vals = vec![0.0f32, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, f32::INFINITY, 1e-40];
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x);
+            if !v.is_nan() {
+                vals.push(v);
+            }
+        }
+        for v in vals {
+            assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v:e}");
+        }
+        assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
     }
 
     #[test]

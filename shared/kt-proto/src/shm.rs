@@ -43,7 +43,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::convert::{read_values, write_values, CallParts, SeamShape, WireDType};
+use crate::convert::{read_values, CallParts, SeamShape, WireDType};
+
+#[cfg(target_endian = "big")]
+compile_error!("the shared-memory ring copies f32 payloads as little-endian bytes");
 use crate::v1::ShmHost;
 use crate::{check_k, check_layer, Limits, WireError};
 
@@ -491,6 +494,73 @@ impl Ring {
         Ok(())
     }
 
+    /// Reads `count` elements of `dtype` at `off` straight out of the mapping as f32 (no
+    /// intermediate buffer: a large call would otherwise fault in fresh pages for one).
+    fn read_f32s(&self, off: usize, count: usize, dtype: WireDType) -> Result<Vec<f32>, ShmError> {
+        let bytes = count.checked_mul(dtype.size());
+        if bytes.and_then(|b| off.checked_add(b)).is_none_or(|end| end > self.len) {
+            return Err(ShmError::Corrupt(format!("{count} values at {off} pass the end")));
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(count);
+        match dtype {
+            WireDType::F32 => {
+                // SAFETY: `count × 4` bytes at `off` lie inside the mapping (checked above);
+                // `out` has capacity for `count` f32s, every bit pattern is a valid f32, and
+                // the target is little-endian (checked at compile time below), so the bytes
+                // are the values; `set_len` follows the copy that initialized them.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.ptr.add(off),
+                        out.as_mut_ptr().cast::<u8>(),
+                        count * 4,
+                    );
+                    out.set_len(count);
+                }
+            }
+            WireDType::Bf16 => {
+                // SAFETY: as above for `count × 2` bytes; unaligned reads of u16 through a raw
+                // pointer, no reference to the shared bytes is formed.
+                let src = unsafe { self.ptr.add(off) }.cast::<u16>();
+                out.extend((0..count).map(|i| {
+                    // SAFETY: element `i < count` lies inside the checked range.
+                    let b = unsafe { src.add(i).read_unaligned() };
+                    f32::from_bits(u32::from(b) << 16)
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `values` as `dtype` elements at `off` straight into the mapping.
+    fn write_f32s(&self, off: usize, values: &[f32], dtype: WireDType) -> Result<(), ShmError> {
+        let bytes = values.len() * dtype.size();
+        if off.checked_add(bytes).is_none_or(|end| end > self.len) {
+            return Err(ShmError::TooLarge(format!("{bytes} bytes at {off} pass the end")));
+        }
+        match dtype {
+            WireDType::F32 => {
+                // SAFETY: the destination range lies inside the writable mapping (checked
+                // above); little-endian target, so the f32s' bytes are the wire bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        values.as_ptr().cast::<u8>(),
+                        self.ptr.add(off),
+                        bytes,
+                    )
+                };
+            }
+            WireDType::Bf16 => {
+                // SAFETY: as above; unaligned u16 writes through a raw pointer.
+                let dst = unsafe { self.ptr.add(off) }.cast::<u16>();
+                for (i, v) in values.iter().enumerate() {
+                    // SAFETY: element `i < values.len()` lies inside the checked range.
+                    unsafe { dst.add(i).write_unaligned(crate::convert::bf16_bits(*v)) };
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn slot_base(&self, slot: usize) -> Result<usize, ShmError> {
         if slot >= self.layout.slots {
             return Err(ShmError::Corrupt(format!("slot {slot} of {}", self.layout.slots)));
@@ -568,16 +638,19 @@ impl Ring {
                 hidden.len()
             )));
         }
-        let mut buf = vec![0u8; total];
-        for (o, id) in buf.chunks_exact_mut(4).zip(ids) {
+        if total > self.layout.capacity() {
+            return Err(ShmError::TooLarge(format!("a request of {total} bytes")));
+        }
+        let mut small = vec![0u8; h_off];
+        for (o, id) in small.chunks_exact_mut(4).zip(ids) {
             o.copy_from_slice(&id.to_le_bytes());
         }
         let w_off = ids.len() * 4;
-        for (o, w) in buf[w_off..].chunks_exact_mut(4).zip(weights) {
+        for (o, w) in small[w_off..].chunks_exact_mut(4).zip(weights) {
             o.copy_from_slice(&w.to_le_bytes());
         }
-        write_values(hidden, dtype, &mut buf[h_off..]);
-        self.copy_in(base + SLOT_HEADER, &buf)?;
+        self.copy_in(base + SLOT_HEADER, &small)?;
+        self.write_f32s(base + SLOT_HEADER + h_off, hidden, dtype)?;
         let to_u32 = |v: usize, what: &str| {
             u32::try_from(v).map_err(|_| ShmError::TooLarge(format!("{what} {v}")))
         };
@@ -638,16 +711,18 @@ impl Ring {
                     self.layout.capacity()
                 ),
             })?;
-        let mut buf = vec![0u8; total];
-        self.copy_out(base + SLOT_HEADER, &mut buf)
-            .map_err(|e| WireError::Invalid { field: "payload", reason: e.to_string() })?;
+        let payload = |e: ShmError| WireError::Invalid { field: "payload", reason: e.to_string() };
+        debug_assert!(total <= self.layout.capacity());
+        let mut small = vec![0u8; h_off];
+        self.copy_out(base + SLOT_HEADER, &mut small).map_err(payload)?;
         let nk = n * k;
-        let ids = buf[..nk * 4]
+        let ids = small[..nk * 4]
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let weights = read_values(&buf[nk * 4..nk * 8], WireDType::F32);
-        let hidden = read_values(&buf[h_off..], dtype);
+        let weights = read_values(&small[nk * 4..nk * 8], WireDType::F32);
+        let hidden =
+            self.read_f32s(base + SLOT_HEADER + h_off, n * shape.hidden, dtype).map_err(payload)?;
         Ok(CallParts { request_id: 0, layer, n, k, dtype, hidden, ids, weights })
     }
 
@@ -667,9 +742,7 @@ impl Ring {
                 if len > cap {
                     return Err(ShmError::TooLarge(format!("an answer of {len} bytes")));
                 }
-                let mut buf = vec![0u8; len];
-                write_values(values, dtype, &mut buf);
-                self.copy_in(base + SLOT_HEADER, &buf)?;
+                self.write_f32s(base + SLOT_HEADER, values, dtype)?;
                 (0, dtype.to_proto() as u32, len)
             }
             Err((code, message)) => {
@@ -729,9 +802,7 @@ impl Ring {
                     "answer of {len} bytes for {n} tokens of hidden {hidden} ({want} expected)"
                 )));
             }
-            let mut buf = vec![0u8; len as usize];
-            self.copy_out(base + SLOT_HEADER, &mut buf)?;
-            let values = read_values(&buf, dtype);
+            let values = self.read_f32s(base + SLOT_HEADER, n * hidden, dtype)?;
             if let Some(v) = values.iter().find(|v| !v.is_finite()) {
                 return Err(ShmError::Corrupt(format!("answer holds {v}")));
             }
