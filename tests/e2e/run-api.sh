@@ -6,7 +6,7 @@
 #                                               # tests that need the simulator's scripted
 #                                               # replies are skipped then
 #
-# Environment: CARGO_TARGET_DIR (where the binaries are built), KT_E2E_VENV (see setup-api.sh),
+# Environment: CARGO_TARGET_DIR (where the binaries are built), KT_E2E_API_VENV (see setup-api.sh),
 # extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,5 +15,5 @@ cargo build --release -p kt-gateway-service -p kt-gateway --example sim_worker
 TARGET="${CARGO_TARGET_DIR:-target}"
 export KT_E2E_GATEWAY_BIN="$TARGET/release/kt-gateway"
 export KT_E2E_SIM_BIN="$TARGET/release/examples/sim_worker"
-VENV="${KT_E2E_VENV:-$HOME/.cache/kt/venv-e2e}"
+VENV="${KT_E2E_API_VENV:-$HOME/.cache/kt/venv-e2e-api}"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e/api "$@"

@@ -141,6 +141,8 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let gateway = Gateway::new(cfg, model, workers)?;
+        // Know the workers (health, context length) before answering anyone.
+        gateway.check_workers().await;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

@@ -129,6 +129,11 @@ pub(crate) async fn start_all(
 ) -> Result<Vec<GenStream>, ApiError> {
     let vocab = state.model.tokenizer.vocab_size();
     let sampling = job.sampling.to_proto(vocab)?;
+    if state.pool.max_context().is_none() {
+        // No worker has told its context length yet (e.g. its first check timed out): ask
+        // now rather than judge the prompt by the model file's number alone.
+        state.pool.check_all().await;
+    }
     let mut stop_ids = state.model.eog_ids();
     stop_ids.extend(&job.extra_stop_ids);
     stop_ids.sort_unstable();

@@ -17,8 +17,8 @@
 //!
 //! # Health
 //! Every [`RoutingConfig::health_interval`] each worker gets `Health` and `Info` calls with a
-//! [`RoutingConfig::health_timeout`]; a failure or `NOT_SERVING` takes it out of routing, the
-//! next success brings it back. A `Generate` that fails at the transport level takes the
+//! [`RoutingConfig::health_timeout`]; a failed call, `NOT_SERVING` or two timeouts in a row
+//! take it out of routing, the next success brings it back. A `Generate` that fails at the transport level takes the
 //! worker out at once (the request is retried on another worker if no token was sent yet).
 
 use std::collections::{HashMap, VecDeque};
@@ -92,6 +92,8 @@ pub(crate) struct Slot {
     pub name: String,
     pub client: WorkerClient<Channel>,
     healthy: AtomicBool,
+    /// Health checks that timed out in a row.
+    timeouts: std::sync::atomic::AtomicU32,
     outstanding: AtomicI64,
     requests: AtomicU64,
     info: Mutex<Option<WorkerInfo>>,
@@ -200,6 +202,7 @@ impl Pool {
                         .max_encoding_message_size(64 << 20),
                     // Optimistic until the first check says otherwise.
                     healthy: AtomicBool::new(true),
+                    timeouts: std::sync::atomic::AtomicU32::new(0),
                     outstanding: AtomicI64::new(0),
                     requests: AtomicU64::new(0),
                     info: Mutex::new(None),
@@ -217,14 +220,10 @@ impl Pool {
         self.slots.iter().filter(|s| s.is_healthy()).count()
     }
 
-    /// The smallest context length healthy workers report, if any reported one.
+    /// The smallest context length the workers last reported (healthy or not: it is a fact
+    /// of the model, and a worker that is briefly out must not change what requests may ask).
     pub fn max_context(&self) -> Option<u32> {
-        self.slots
-            .iter()
-            .filter(|s| s.is_healthy())
-            .filter_map(|s| s.info().map(|i| i.max_context))
-            .filter(|&c| c > 0)
-            .min()
+        self.slots.iter().filter_map(|s| s.info().map(|i| i.max_context)).filter(|&c| c > 0).min()
     }
 
     /// Chooses a worker for `prompt` expected to cost `cost` tokens, skipping `exclude`.
@@ -273,7 +272,9 @@ impl Pool {
     async fn check(&self, slot: &Slot) {
         let mut client = slot.client.clone();
         let t = self.cfg.health_timeout;
+        let t0 = std::time::Instant::now();
         let health = tokio::time::timeout(t, client.health(HealthRequest {})).await;
+        tracing::debug!(worker = %slot.name, elapsed = ?t0.elapsed(), ok = matches!(health, Ok(Ok(_))), "health check");
         let serving = match health {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
@@ -284,7 +285,13 @@ impl Pool {
                 }
             }
             Ok(Err(status)) => Err(format!("health check failed: {}", status.message())),
-            Err(_) => Err(format!("health check timed out after {t:?}")),
+            Err(_) => {
+                // One slow answer on a busy host is not a dead worker: two in a row are.
+                if slot.timeouts.fetch_add(1, Ordering::SeqCst) + 1 < 2 {
+                    return;
+                }
+                Err(format!("health check timed out twice after {t:?}"))
+            }
         };
         if let Err(why) = serving {
             slot.set_healthy(false, &why);
@@ -292,6 +299,7 @@ impl Pool {
         }
         match tokio::time::timeout(t, client.info(WorkerInfoRequest {})).await {
             Ok(Ok(info)) => {
+                slot.timeouts.store(0, Ordering::SeqCst);
                 *lock(&slot.info) = Some(info.into_inner());
                 slot.set_healthy(true, "");
             }

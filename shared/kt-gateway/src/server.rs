@@ -224,12 +224,14 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests (streams
-    /// included) finish.
+    /// included) finish. One round of worker health checks (with their `Info`: the context
+    /// length, KV blocks) completes before the first request is answered.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.state.pool.check_all().await;
         use axum::serve::ListenerExt;
         // Small SSE writes must not wait for the client's delayed ACK (Nagle).
         let listener = listener.tap_io(|tcp| {
