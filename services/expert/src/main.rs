@@ -18,6 +18,7 @@ mod env {
     pub const NUMA: &str = "KT_EXPERT_NUMA";
     pub const EXPERTS: &str = "KT_EXPERT_EXPERTS";
     pub const THREADS: &str = "KT_EXPERT_THREADS";
+    pub const MATMUL: &str = "KT_EXPERT_MATMUL";
     pub const PLAN: &str = "KT_EXPERT_PLAN";
     pub const METRICS: &str = "KT_EXPERT_METRICS";
     pub const SHM_DIR: &str = "KT_EXPERT_SHM_DIR";
@@ -69,6 +70,10 @@ struct Args {
     /// Offer no shared memory (every worker uses gRPC).
     #[arg(long, env = env::NO_SHM)]
     no_shm: bool,
+    /// Products: f32 (exact, the reference) or ggml (activations quantized as llama.cpp does:
+    /// the fast fused/VNNI expert kernels for quantized weights).
+    #[arg(long, env = env::MATMUL, value_enum, default_value_t = Matmul::F32)]
+    matmul: Matmul,
     /// Largest request message accepted, bytes (bigger ones end their stream with
     /// OUT_OF_RANGE). Default 256 MiB.
     #[arg(long, env = env::MAX_MESSAGE_BYTES)]
@@ -76,6 +81,12 @@ struct Args {
     /// Most tokens per request. Default 8192.
     #[arg(long, env = env::MAX_TOKENS)]
     max_tokens: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Matmul {
+    F32,
+    Ggml,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +109,10 @@ fn main() -> anyhow::Result<()> {
         numa: args.numa,
         threads: args.threads,
         shm_dir: (!args.no_shm).then(|| args.shm_dir.clone()),
+        mode: match args.matmul {
+            Matmul::F32 => kt_models::MatmulMode::F32,
+            Matmul::Ggml => kt_models::MatmulMode::Ggml,
+        },
         ..ServerOptions::default()
     };
     let service = match (&args.plan, &args.experts) {

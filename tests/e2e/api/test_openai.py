@@ -131,7 +131,9 @@ def test_body_limit_and_broken_json(tiny_gateway):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_queue_full_429_and_timeout_503(tiny_gateway):
+def test_queue_full_429_and_timeout_503(tiny_gateway, simulated):
+    # Needs a generation that holds the only slot for seconds: the simulator's fixed token
+    # rate does; the real tiny model finishes its 128-token context in milliseconds.
     c = client(tiny_gateway)
     holder = chat(c, "hold the only slot", max_tokens=1500, stream=True)
     next(iter(holder))  # the slot is taken
