@@ -40,9 +40,8 @@ fn row_json(r: &BenchRow) -> serde_json::Value {
 }
 
 pub fn run(a: GatewayArgs) -> Result<()> {
-    if !(a.token_interval_ms > 0.0 && a.token_interval_ms.is_finite())
-        || !(a.seconds > 0.0 && a.seconds.is_finite())
-    {
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    if !positive(a.token_interval_ms) || !positive(a.seconds) {
         anyhow::bail!("--token-interval-ms and --seconds must be positive numbers");
     }
     let cfg = BenchConfig {
