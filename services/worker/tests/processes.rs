@@ -361,7 +361,7 @@ fn bad_flags_fail_clearly() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let err = run(&["--device", "tpu:0"]);
-    assert!(err.contains("expected cpu or cuda:N"), "{err}");
+    assert!(err.contains("expected cpu, cuda:N"), "{err}");
     let err = run(&["--expert", "nonsense"]);
     assert!(err.contains("NAME=ADDR"), "{err}");
     let err = run(&["--expert", "numa0=127.0.0.1:1"]);
