@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tests/e2e/setup-api.sh
-cargo build --release -p kt-gateway-service -p kt-gateway --example sim_worker
+# Two builds: a target filter (--example) would otherwise skip the kt-gateway binary.
+cargo build --release -p kt-gateway-service
+cargo build --release -p kt-gateway --example sim_worker
 TARGET="${CARGO_TARGET_DIR:-target}"
 export KT_E2E_GATEWAY_BIN="$TARGET/release/kt-gateway"
 export KT_E2E_SIM_BIN="$TARGET/release/examples/sim_worker"
