@@ -394,6 +394,13 @@ impl Validator<'_> {
                         "a server cannot be its own replica",
                     ));
                 }
+                if replicas.contains(&i) {
+                    return Err(self.err(
+                        "replicas",
+                        format!("experts.servers.{name}.replicas"),
+                        format!("`{r}` is listed twice"),
+                    ));
+                }
                 replicas.push(i);
             }
             servers.push(Server { name: name.clone(), numa: s.numa, replicas });
@@ -494,6 +501,19 @@ impl Validator<'_> {
                 Split::Intermediate(shares)
             }
         };
+        // A replica answers for its primary over the same stream that carries its own calls,
+        // and a call names experts, not rows: one server cannot hold two slices of an expert.
+        if let (Split::Intermediate(_), Some(s)) =
+            (&split, servers.iter().find(|s| !s.replicas.is_empty()))
+        {
+            return Err(self.err(
+                "replicas",
+                format!("experts.servers.{}.replicas", s.name),
+                "replicas go with `split: by_layer` or `split: by_expert`; with `split: \
+                 intermediate` a server would hold two slices of each expert, which a call \
+                 cannot tell apart",
+            ));
+        }
         let format = |field: &str, v: &Option<String>| -> Result<ExpertFormat, PlanError> {
             match v {
                 None => Ok(ExpertFormat::Native),

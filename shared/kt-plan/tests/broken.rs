@@ -180,3 +180,58 @@ fn intermediate_split_divides_bytes_and_replicas_double_them() {
     assert_eq!(r.servers[0].replica_bytes, r.servers[1].bytes);
     assert_eq!(r.servers[0].bytes + r.servers[1].bytes, expert_bytes);
 }
+
+#[test]
+fn broken_replicas_name_file_line_and_server() {
+    // Replica of an unknown server.
+    let e = err(&GOOD.replace("{numa: 0}", "{numa: 0, replicas: [numa9]}"));
+    assert!(
+        e.starts_with("p.yaml:4:")
+            && e.contains("experts.servers.numa0.replicas")
+            && e.contains("unknown server `numa9`")
+            && e.contains("numa0, numa1"),
+        "{e}"
+    );
+    // A server as its own replica.
+    let e = err(&GOOD.replace("{numa: 1}", "{numa: 1, replicas: [numa1]}"));
+    assert!(
+        e.starts_with("p.yaml:4:")
+            && e.contains("experts.servers.numa1.replicas")
+            && e.contains("its own replica"),
+        "{e}"
+    );
+    // The same replica twice.
+    let e = err(&GOOD.replace("{numa: 1}", "{numa: 1, replicas: [numa0, numa0]}"));
+    assert!(e.contains("experts.servers.numa1.replicas") && e.contains("twice"), "{e}");
+    // Replicas of intermediate slices: refused, naming the split.
+    let sliced = GOOD
+        .replace("split: by_expert\n  assign: round_robin", "split: intermediate")
+        .replace("{numa: 1}", "{numa: 1, replicas: [numa0]}");
+    let e = err(&sliced);
+    assert!(
+        e.starts_with("p.yaml:4:")
+            && e.contains("experts.servers.numa1.replicas")
+            && e.contains("split: intermediate"),
+        "{e}"
+    );
+    // Mutual replicas with a by_layer split are fine, and every server's replica bytes are
+    // the other's own bytes.
+    let mutual = GOOD
+        .replace(
+            "split: by_expert\n  assign: round_robin",
+            "split: by_layer\n  layers: {numa0: \"0\", numa1: \"1\"}",
+        )
+        .replace("{numa: 0}", "{numa: 0, replicas: [numa1]}")
+        .replace("{numa: 1}", "{numa: 1, replicas: [numa0]}");
+    let p = Plan::parse("p.yaml", &mutual).unwrap();
+    let tier = p.experts.as_ref().unwrap();
+    assert_eq!(
+        (tier.servers[0].replicas.clone(), tier.servers[1].replicas.clone()),
+        (vec![1], vec![0])
+    );
+    let m = fixture();
+    let r = resolve(&p, &m, &Limits::default());
+    assert!(r.ok(), "{}", r.render(true));
+    assert_eq!(r.servers[0].replica_bytes, r.servers[1].bytes);
+    assert_eq!(r.servers[1].replica_bytes, r.servers[0].bytes);
+}
