@@ -13,12 +13,16 @@
 //! * [`Selection`] parses `--experts` specs (which experts a server holds); [`load_plan`]
 //!   takes them from a placement plan instead ([`placement`]), slices included.
 //! * [`metrics`]: the server's Prometheus counters and their HTTP endpoint.
+//! * [`failover`]: a plan's replicas on the worker's side — a server's calls go to a replica
+//!   while it is unreachable ([`FailoverExperts`]) — and [`TierHealth`], whether every share
+//!   has a reachable holder (the worker's `Health`). [`connect_plan_tier`] builds both.
 //!
 //! Both sides prove they serve the same model at connect: the worker calls `Info` and compares
 //! the [`config_hash`]es (and, from a plan, the placement: [`Holding`]), and sends its hash on
 //! `Forward`, where the server refuses a different one.
 
 pub mod bench;
+pub mod failover;
 pub mod metrics;
 pub mod numa;
 pub mod placement;
@@ -26,8 +30,9 @@ mod remote;
 mod select;
 mod server;
 
+pub use failover::{FailoverExperts, TierHealth, TierStatus};
 pub use kt_proto::{Limits, WireDType};
-pub use placement::{connect_plan, SlicedExperts};
+pub use placement::{connect_plan, connect_plan_tier, PlanExperts, SlicedExperts};
 pub use remote::{Holding, LinkKind, RemoteExperts, RemoteOptions, ShmMode};
 pub use select::Selection;
 pub use server::{

@@ -1,10 +1,15 @@
 //! What an expert server holds when a placement plan says so, and the worker's view of the
 //! same plan.
 //!
-//! The resolution is kt-plan's ([`kt_plan::resolve`]): the server with `--name NAME` holds
+//! The resolution is kt-plan's ([`kt_plan::resolve`]): the server with `--name NAME` owns
 //! `Placement::servers[i].held`, and with the `intermediate` split only rows
 //! `[start, end)` of every expert's intermediate dimension ([`slice_mlp`]: rows of gate and
 //! up, columns of down), so its answers are partial sums the worker adds ([`SlicedExperts`]).
+//!
+//! A server the plan names as a replica of others (`S: {replicas: [NAME]}`) holds their
+//! shares too ([`Assignment::held`] vs [`Assignment::own`]), and the worker sends S's calls to
+//! it while S is unreachable ([`crate::failover`]). Replicas go with `by_layer` and
+//! `by_expert` only (kt-plan refuses them with `intermediate`).
 
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -19,6 +24,7 @@ use kt_plan::{ModelShape, Plan, Split};
 use kt_proto::v1::{ExpertSlice, LayerExperts, ModelIdentity, PlanIdentity};
 use rayon::prelude::*;
 
+use crate::failover::{FailoverExperts, Member, TierHealth};
 use crate::{ExpertError, RemoteExperts, RemoteOptions};
 
 /// What one server of a plan holds.
@@ -26,8 +32,13 @@ use crate::{ExpertError, RemoteExperts, RemoteOptions};
 pub struct Assignment {
     /// The server's name in the plan.
     pub server: String,
-    /// (layer, expert) pairs held (whole, or a slice of each).
+    /// (layer, expert) pairs held (whole, or a slice of each): its own share and the shares
+    /// of the servers it is a replica of. What it loads and reports in `Info`.
     pub held: BTreeSet<(usize, usize)>,
+    /// Its own share: what the worker sends it while every server is up.
+    pub own: BTreeSet<(usize, usize)>,
+    /// The servers whose shares it also holds, as their replica (plan order).
+    pub replica_of: Vec<String>,
     /// `intermediate` split: the rows of each expert's intermediate dimension held.
     pub slice: Option<Range<usize>>,
     /// The whole intermediate size of an expert.
@@ -86,21 +97,39 @@ pub fn assignments(plan: &Plan, shape: &ModelShape) -> Result<Vec<Assignment>, E
         let problems: Vec<String> = placement.problems.iter().map(|p| p.to_string()).collect();
         return Err(bad(format!("does not fit the model: {}", problems.join("; "))));
     }
+    let sliced = matches!(tier.split, Split::Intermediate(_));
+    if let Some(s) = tier.servers.iter().find(|s| sliced && !s.replicas.is_empty()) {
+        // kt-plan refuses this when it parses the file; a plan built in code may still try.
+        return Err(bad(format!(
+            "experts.servers.{}.replicas: replicas go with `split: by_layer` or `split: by_expert`, not `split: intermediate`",
+            s.name
+        )));
+    }
     let id = plan_identity(plan);
     let expert_ff = shape.expert_ff();
     Ok(tier
         .servers
         .iter()
+        .enumerate()
         .zip(&placement.servers)
-        .map(|(s, u)| Assignment {
-            server: s.name.clone(),
-            held: u.held.clone(),
-            slice: match tier.split {
-                Split::Intermediate(_) => u.slice.map(|(a, b)| a..b),
-                _ => None,
-            },
-            expert_ff,
-            plan: id.clone(),
+        .map(|((i, s), u)| {
+            let mut held = u.held.clone();
+            let mut replica_of = Vec::new();
+            for (primary, pu) in tier.servers.iter().zip(&placement.servers) {
+                if primary.replicas.contains(&i) {
+                    held.extend(pu.held.iter().copied());
+                    replica_of.push(primary.name.clone());
+                }
+            }
+            Assignment {
+                server: s.name.clone(),
+                held,
+                own: u.held.clone(),
+                replica_of,
+                slice: if sliced { u.slice.map(|(a, b)| a..b) } else { None },
+                expert_ff,
+                plan: id.clone(),
+            }
         })
         .collect())
 }
@@ -122,22 +151,14 @@ pub fn assignment(plan: &Plan, shape: &ModelShape, name: &str) -> Result<Assignm
             reason: format!("expert server `{name}` holds no experts in this plan"),
         });
     }
-    if let Some(tier) = plan.experts.as_ref() {
-        if let Some(i) = tier.server(name) {
-            let replicas_of: Vec<&str> = tier
-                .servers
-                .iter()
-                .filter(|s| s.replicas.contains(&i))
-                .map(|s| s.name.as_str())
-                .collect();
-            if !replicas_of.is_empty() {
-                tracing::warn!(
-                    server = name,
-                    of = ?replicas_of,
-                    "the plan makes this server a replica; replicas are not loaded yet (only its own experts are held)"
-                );
-            }
-        }
+    if !a.replica_of.is_empty() {
+        tracing::info!(
+            server = name,
+            replica_of = ?a.replica_of,
+            own = a.own.len(),
+            held = a.held.len(),
+            "the plan makes this server a replica: it holds those servers' experts as well as its own"
+        );
     }
     Ok(a)
 }
@@ -241,10 +262,20 @@ impl Experts for SlicedExperts {
     }
 }
 
-/// The worker's side of a plan's expert tier: connects to every server (`addrs` maps the
-/// plan's server names to addresses), checks that each holds what the plan gives it (name,
-/// plan, experts, slice), and combines them: [`ShardedExperts`] for `by_layer`/`by_expert`,
-/// [`SlicedExperts`] for `intermediate`. The connections keep reconnecting on their own.
+/// The worker's side of a plan's expert tier: the experts to call, and their health.
+pub struct PlanExperts {
+    pub experts: Arc<dyn Experts>,
+    /// Whether every server's share has a reachable holder (for the worker's `Health`).
+    pub health: TierHealth,
+}
+
+impl std::fmt::Debug for PlanExperts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanExperts").field("health", &self.health).finish_non_exhaustive()
+    }
+}
+
+/// [`connect_plan_tier`]'s experts alone.
 pub fn connect_plan(
     plan: &Plan,
     shape: &ModelShape,
@@ -252,12 +283,35 @@ pub fn connect_plan(
     addrs: &[(String, String)],
     opts: &RemoteOptions,
 ) -> Result<Arc<dyn Experts>, ExpertError> {
+    connect_plan_tier(plan, shape, ours, addrs, opts).map(|t| t.experts)
+}
+
+/// The worker's side of a plan's expert tier: connects to every server (`addrs` maps the
+/// plan's server names to addresses), checks that each holds what the plan gives it (name,
+/// plan, experts — its own share plus those it replicates —, slice), and combines them:
+/// [`ShardedExperts`] for `by_layer`/`by_expert`, [`SlicedExperts`] for `intermediate`. A
+/// server with replicas is called through a [`FailoverExperts`] (its own share only, going to
+/// a replica while it is unreachable; a stalled one is tried again after
+/// `opts.reconnect_max`). The connections keep reconnecting on their own.
+pub fn connect_plan_tier(
+    plan: &Plan,
+    shape: &ModelShape,
+    ours: &ModelIdentity,
+    addrs: &[(String, String)],
+    opts: &RemoteOptions,
+) -> Result<PlanExperts, ExpertError> {
     let all = assignments(plan, shape)?;
     let tier = plan.experts.as_ref().ok_or_else(|| ExpertError::Plan {
         file: plan.file.clone(),
         reason: "the plan has no expert tier".into(),
     })?;
-    let mut remotes = Vec::with_capacity(all.len());
+    if let Some(extra) = addrs.iter().find(|(n, _)| tier.server(n).is_none()) {
+        return Err(ExpertError::Plan {
+            file: plan.file.clone(),
+            reason: format!("an address is given for `{}`, which the plan does not name", extra.0),
+        });
+    }
+    let mut members = Vec::with_capacity(all.len());
     for a in &all {
         let addr =
             addrs.iter().find(|(n, _)| *n == a.server).map(|(_, ad)| ad).ok_or_else(|| {
@@ -273,30 +327,45 @@ pub fn connect_plan(
             slice: a.slice_info(),
         };
         let opts = RemoteOptions { expect: Some(expect), ..opts.clone() };
-        remotes.push((a, RemoteExperts::connect(addr, ours, opts)?));
+        let remote = Arc::new(RemoteExperts::connect(addr, ours, opts)?);
+        members.push(Member::new(&a.server, addr, remote));
     }
-    if let Some(extra) = addrs.iter().find(|(n, _)| tier.server(n).is_none()) {
-        return Err(ExpertError::Plan {
-            file: plan.file.clone(),
-            reason: format!("an address is given for `{}`, which the plan does not name", extra.0),
-        });
+    let probe_after = opts.reconnect_max;
+    // Per server that owns a share: what the worker calls for it, and the health group.
+    let mut callers: Vec<(usize, Arc<dyn Experts>)> = Vec::new();
+    let mut groups = Vec::new();
+    for (i, (a, m)) in all.iter().zip(&members).enumerate() {
+        if a.own.is_empty() {
+            continue; // a pure standby: called only as a replica
+        }
+        let replicas: Vec<Member> =
+            tier.servers[i].replicas.iter().filter_map(|&r| members.get(r).cloned()).collect();
+        if replicas.is_empty() {
+            callers.push((i, m.experts.clone() as Arc<dyn Experts>));
+            groups.push((m.clone(), replicas, None));
+        } else {
+            let f = Arc::new(FailoverExperts::new(m.clone(), replicas.clone(), probe_after));
+            callers.push((i, f.clone() as Arc<dyn Experts>));
+            groups.push((m.clone(), replicas, Some(f)));
+        }
     }
+    let health = TierHealth::new(groups);
     if matches!(tier.split, Split::Intermediate(_)) {
-        let parts = remotes.into_iter().map(|(_, r)| Arc::new(r) as Arc<dyn Experts>).collect();
-        return Ok(Arc::new(SlicedExperts::new(parts)));
+        let parts = callers.into_iter().map(|(_, c)| c).collect();
+        return Ok(PlanExperts { experts: Arc::new(SlicedExperts::new(parts)), health });
     }
     let (nl, ne) = (shape.n_layers(), shape.n_experts());
     let mut sharded = ShardedExperts::new(shape.config.hidden);
-    for (a, r) in remotes {
+    for (i, caller) in callers {
         let mut owns = vec![vec![false; ne]; nl];
-        for &(l, e) in &a.held {
+        for &(l, e) in &all[i].own {
             if let Some(slot) = owns.get_mut(l).and_then(|row| row.get_mut(e)) {
                 *slot = true;
             }
         }
-        sharded = sharded.add(Arc::new(r), owns);
+        sharded = sharded.add(caller, owns);
     }
-    Ok(Arc::new(sharded))
+    Ok(PlanExperts { experts: Arc::new(sharded), health })
 }
 
 #[cfg(test)]
