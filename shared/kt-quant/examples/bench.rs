@@ -1,5 +1,12 @@
 //! Throughput of the kernels of every format and every kernel family this CPU has:
-//! `cargo run --release -p kt-quant --example bench [-- --quick | --tiles]`.
+//! `cargo run --release -p kt-quant --example bench [-- --quick | --tiles | --moe]`.
+//!
+//! With `--moe`: the MoE decode kernels at DeepSeek-V2-Lite's expert shapes (gate/up rows of
+//! 2048 in Q4_K/Q5_K/Q6_K, down rows of 1408 in Q8_0/Q5_0/Q4_0), per format and family:
+//! ns per weight row and GB/s of weight bytes for `vec_dot` (one row · one activation row) and
+//! `vec_dot_tile` with 1, 4 and 8 tokens (ns per row and token), one thread, on 64
+//! cache-resident rows; best of many passes (the machine may be shared: rerun and take the
+//! best).
 //!
 //! Prints, per format and family (scalar, avx2, avx512), nanoseconds per 4096-element row for
 //! `dequantize`, `dot_f32` and `vec_dot` on random blocks (scale fields made finite), and the
@@ -20,6 +27,10 @@ const N: usize = 4096;
 
 fn main() {
     let rows = if std::env::args().any(|a| a == "--quick") { 512 } else { N };
+    if std::env::args().any(|a| a == "--moe") {
+        moe();
+        return;
+    }
     if std::env::args().any(|a| a == "--tiles") {
         let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
         let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -173,6 +184,119 @@ fn tiles(isas: &[Isa], next: &mut dyn FnMut() -> u64) {
                     ops / pairs / 1e9
                 );
             }
+        }
+    }
+}
+
+/// ns per row of `vec_dot` and `vec_dot_tile` at the MoE expert shapes (see the module docs).
+fn moe() {
+    use kt_core::GgmlType as T;
+    const ROWS: usize = 64;
+    let shapes = [
+        (T::Q4_K, 2048),
+        (T::Q5_K, 2048),
+        (T::Q6_K, 2048),
+        (T::Q8_0, 1408),
+        (T::Q5_0, 1408),
+        (T::Q4_0, 1408),
+    ];
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    println!(
+        "MoE expert rows ({ROWS} cache-resident rows), one thread; families {isas:?}; \
+         ns per row (tiles: per row and token) and GB/s of weight bytes"
+    );
+    println!(
+        "{:<6} {:>5} {:<7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
+        "format",
+        "n",
+        "isa",
+        "vec_dot",
+        "GB/s",
+        "tile x1",
+        "GB/s",
+        "tile x4",
+        "GB/s",
+        "tile x8",
+        "GB/s"
+    );
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (ty, n) in shapes {
+        let Some(s) = kernels_for_isa(Isa::Scalar, ty) else { continue };
+        let (Some(wrb), Some(arb)) = (ty.row_bytes(n), s.vec_dot_type.row_bytes(n)) else {
+            continue;
+        };
+        let mut w = vec![0u8; wrb * ROWS];
+        w.iter_mut().for_each(|b| *b = next() as u8);
+        let bs = ty.type_size();
+        for blk in w.chunks_exact_mut(bs) {
+            // Small finite f16 scales (1/16) where the format keeps them.
+            let fields: &[usize] = match ty {
+                T::Q4_K | T::Q5_K => &[0, 2],
+                T::Q6_K => &[208],
+                _ => &[0],
+            };
+            for &at in fields {
+                blk[at..at + 2].copy_from_slice(&0x2c00u16.to_le_bytes());
+            }
+        }
+        let x: Vec<f32> =
+            (0..n * 8).map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+        let mut a = vec![0u8; arb * 8];
+        for (xr, o) in x.chunks_exact(n).zip(a.chunks_exact_mut(arb)) {
+            (s.quantize)(xr, o);
+        }
+        let mut out = vec![0f32; ROWS * 8];
+        for &isa in &isas {
+            let Some(k) = kernels_for_isa(isa, ty) else { continue };
+            if isa != Isa::Scalar && k.vec_dot_isa == "scalar" && !k.has_vec_dot_tile() {
+                continue;
+            }
+            // Best of 30 passes of `reps` sweeps over the rows: ns per (row, token).
+            let best = |f: &mut dyn FnMut(), per: usize| {
+                let reps = 8;
+                (0..30)
+                    .map(|_| {
+                        let t = Instant::now();
+                        for _ in 0..reps {
+                            f();
+                        }
+                        t.elapsed().as_nanos() as f64 / (reps * per) as f64
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let a1 = &a[..arb];
+            let vd = best(
+                &mut || {
+                    for (r, wr) in w.chunks_exact(wrb).enumerate() {
+                        out[r] = (k.vec_dot)(black_box(wr), black_box(a1));
+                    }
+                },
+                ROWS,
+            );
+            let mut line = format!(
+                "{:<6} {:>5} {:<7} {:>9.1} {:>7.2}",
+                ty.name(),
+                n,
+                k.vec_dot_isa,
+                vd,
+                wrb as f64 / vd
+            );
+            for tokens in [1usize, 4, 8] {
+                let at = &a[..arb * tokens];
+                let t = best(
+                    &mut || k.vec_dot_tile(black_box(&w), wrb, black_box(at), arb, &mut out, ROWS),
+                    ROWS * tokens,
+                );
+                line += &format!(" {:>9.1} {:>7.2}", t, wrb as f64 / t);
+            }
+            black_box(&out);
+            println!("{line}");
         }
     }
 }

@@ -5,9 +5,13 @@
 //!   (`d * q`, `d1 * q - m1`, never fused), so the weights are bit-identical to
 //!   `dequantize`; only the accumulation differs (eight FMA lanes, several accumulators), which
 //!   is the tolerance `tests/simd.rs` states.
-//! * `vec_dot`: the integer sums are computed in SIMD registers but kept in ggml's eight lanes
-//!   (`i % 8`), and the f32 scale products and sums follow `ggml_vec_dot_*_generic` operation
-//!   by operation, so the results are bit-identical to the scalar kernels.
+//! * `vec_dot` (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K): the integer sums are computed in SIMD
+//!   registers (exact; the K-quants keep ggml's eight lanes `i % 8`, Q4_K by reordering bytes
+//!   so that each lane's values share a dword, see `lanes_to_dwords`; the Q8_0 family sums
+//!   eight blocks at a time), and the f32 scale products and sums follow
+//!   `ggml_vec_dot_*_generic` operation by operation (lane-wise products, then the block
+//!   results added one after the other), so the results are bit-identical to the scalar
+//!   kernels.
 //!
 //! Entries without an AVX2 version (dequantize, quantize, the other formats) are the scalar
 //! ones.
@@ -16,7 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use half::{bf16, f16};
+use half::bf16;
 
 use super::{scalar_tables as st, Kernels};
 use crate::blocks::{k4_scales_mins, KVALUES_IQ4NL};
@@ -60,7 +64,8 @@ table! {
     F32 { dot_f32: dot_f32_f32 }
     F16 { dot_f32: dot_f32_f16 }
     BF16 { dot_f32: dot_f32_bf16 }
-    Q4_0 { dot_f32: dot_f32_q4_0 }
+    Q4_0 { dot_f32: dot_f32_q4_0, vec_dot: vec_dot_q4_0, vec_dot_isa: "avx2" }
+    Q5_0 { vec_dot: vec_dot_q5_0, vec_dot_isa: "avx2" }
     Q8_0 { dot_f32: dot_f32_q8_0, vec_dot: vec_dot_q8_0, vec_dot_isa: "avx2" }
     Q4_K { dot_f32: dot_f32_q4_k, vec_dot: vec_dot_q4_k, vec_dot_isa: "avx2" }
     Q5_K { dot_f32: dot_f32_q5_k }
@@ -80,6 +85,8 @@ entry!(dot_f32_q6_k => q6_k_dot(w: &[u8], x: &[f32]) -> f32);
 entry!(dot_f32_iq4_nl => iq4_nl_dot(w: &[u8], x: &[f32]) -> f32);
 entry!(dot_f32_iq4_xs => iq4_xs_dot(w: &[u8], x: &[f32]) -> f32);
 entry!(vec_dot_q8_0 => q8_0_q8_0(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q4_0 => q4_0_q8_0(w: &[u8], a: &[u8]) -> f32);
+entry!(vec_dot_q5_0 => q5_0_q8_0(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q4_k => q4_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 entry!(vec_dot_q6_k => q6_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 
@@ -87,9 +94,12 @@ entry!(vec_dot_q6_k => q6_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-#[inline(always)]
+/// The f16 at `b[at..at + 2]` as f32 (exact; `VCVTPH2PS`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+    let h = u16::from_le_bytes([b[at], b[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
 }
 
 #[inline(always)]
@@ -414,20 +424,176 @@ fn q6_k_dot(src: &[u8], x: &[f32]) -> f32 {
 // vec_dot (bit-exact with the scalar kernels)
 // ---------------------------------------------------------------------------------------------
 
+/// Eight vectors of eight i32 lanes summed lane-wise: lane `i` of the result is the sum of
+/// the lanes of `s[i]` (exact).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+fn reduce8(s: [__m256i; 8]) -> __m256i {
+    let t = |a: __m256i, b: __m256i| {
+        _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+    };
+    let (t01, t23, t45, t67) = (t(s[0], s[1]), t(s[2], s[3]), t(s[4], s[5]), t(s[6], s[7]));
+    let u = |a: __m256i, b: __m256i| {
+        _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
+    };
+    let (u0, u1) = (u(t01, t23), u(t45, t67));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(u0, u1),
+        _mm256_permute2x128_si256::<0x31>(u0, u1),
+    )
+}
+
+/// The f16 at `b[stride * i..]`, `i` in 0..8, as f32 (exact).
+///
+/// # Safety
+/// The CPU must have F16C (only called from this module's `#[target_feature]` kernels); not
+/// itself a `#[target_feature]` function so that it can be `#[inline(always)]`.
+#[inline(always)]
+unsafe fn f16x8(b: &[u8], stride: usize) -> __m256 {
+    let b = &b[..7 * stride + 2];
+    let h = |i: usize| u16::from_le_bytes([b[stride * i], b[stride * i + 1]]) as u64;
+    let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
+    let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
+    // SAFETY: the caller guarantees F16C.
+    unsafe { _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64)) }
+}
+
+/// The Q8_0-activation `vec_dot`s, bit-identical to the scalar ones: blocks in groups of
+/// eight; `isum(x, y)` gives a block's exact integer sum in eight i32 lanes (times `shift`
+/// as a power of two: `1 << shift`), [`reduce8`] turns them into one sum per block, and
+/// `scale(sumi, dx, dy)` applies the scalar kernel's f32 operations to eight blocks at once
+/// (lane by lane, the same IEEE operations in the same order); the products are then added
+/// to `sumf` one block after the other, as the scalar loop does.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_family(
+    w: &[u8],
+    a: &[u8],
+    bytes: usize,
+    shift: i32,
+    isum: impl Fn(&[u8], &[u8]) -> __m256i,
+    scale: impl Fn(__m256, __m256, __m256) -> __m256,
+) -> f32 {
+    let nb = (w.len() / bytes).min(a.len() / 34);
+    // Eight blocks: `wg` holds 8 weight blocks, `ag` 8 activation blocks; the products of the
+    // first `k` are added to `sumf`.
+    let group = |sumf: f32, wg: &[u8], ag: &[u8], k: usize| {
+        let (wg, ag) = (&wg[..8 * bytes], &ag[..8 * 34]);
+        let s: [__m256i; 8] = std::array::from_fn(|i| {
+            isum(&wg[bytes * i..bytes * (i + 1)], &ag[34 * i..34 * i + 34])
+        });
+        let sumi = _mm256_sra_epi32(reduce8(s), _mm_cvtsi32_si128(shift));
+        // SAFETY: this closure runs inside this function, whose features f16x8 needs.
+        let (dx, dy) = unsafe { (f16x8(wg, bytes), f16x8(ag, 34)) };
+        let p = scale(cvt(sumi), dx, dy);
+        let sumf = add4(sumf, _mm256_castps256_ps128(p), k.min(4));
+        add4(sumf, _mm256_extractf128_ps::<1>(p), k.saturating_sub(4))
+    };
     let mut sumf = 0f32;
-    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
-        let p0 =
-            _mm256_madd_epi16(_mm256_cvtepi8_epi16(ld128(x, 2)), _mm256_cvtepi8_epi16(ld128(y, 2)));
-        let p1 = _mm256_madd_epi16(
-            _mm256_cvtepi8_epi16(ld128(x, 18)),
-            _mm256_cvtepi8_epi16(ld128(y, 18)),
-        );
-        let sumi = hsum_i32(_mm256_add_epi32(p0, p1));
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    let mut b0 = 0;
+    while b0 + 8 <= nb {
+        sumf = group(sumf, &w[bytes * b0..], &a[34 * b0..], 8);
+        b0 += 8;
+    }
+    if b0 < nb {
+        // The last blocks, padded with zero blocks (whose products are not added).
+        let (mut wt, mut at) = ([0u8; 8 * 36], [0u8; 8 * 34]);
+        let k = nb - b0;
+        wt[..bytes * k].copy_from_slice(&w[bytes * b0..bytes * nb]);
+        at[..34 * k].copy_from_slice(&a[34 * b0..34 * nb]);
+        sumf = group(sumf, &wt, &at, k);
     }
     sumf
+}
+
+/// `256 · Σ x y` of the 32 signed bytes of `x` and `y` in eight i32 lanes, exact for every
+/// byte value (|lane| <= 256 · 4 · 2^14 = 2^24): the even bytes sign-extended to i16 by
+/// shifts (`x` kept in the high byte, i.e. times 256), the odd ones in place (`x`'s low
+/// byte cleared, also times 256), two `VPMADDWD`; no byte shuffles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn i8_dot_256(x: __m256i, y: __m256i) -> __m256i {
+    let even = _mm256_madd_epi16(
+        _mm256_slli_epi16::<8>(x),
+        _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(y)),
+    );
+    let odd = _mm256_madd_epi16(
+        _mm256_and_si256(x, _mm256_set1_epi16(0xFF00u16 as i16)),
+        _mm256_srai_epi16::<8>(y),
+    );
+    _mm256_add_epi32(even, odd)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    // Scalar: sumf += sumi as f32 * (dx * dy).
+    q8_family(
+        w,
+        a,
+        34,
+        8,
+        |x, y| i8_dot_256(ld256(x, 2), ld256(y, 2)),
+        |s, dx, dy| _mm256_mul_ps(s, _mm256_mul_ps(dx, dy)),
+    )
+}
+
+/// `Σ (q - c) a` for 32 unsigned weights `q` (at most 31) and the signed activations of `y`,
+/// in eight i32 lanes: `VPMADDUBSW` of `q` and of `c`, subtracted in i16 (exact: each pair
+/// is at most 2 · 31 · 128 in magnitude), then summed in pairs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn offset_dot(q: __m256i, c: i8, y: &[u8]) -> __m256i {
+    let a = ld256(y, 2);
+    let p =
+        _mm256_sub_epi16(_mm256_maddubs_epi16(q, a), _mm256_maddubs_epi16(_mm256_set1_epi8(c), a));
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+/// The 16 bytes at `at` split into 32 nibbles: low nibbles (values 0..16), then high ones.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles32(x: &[u8], at: usize) -> __m256i {
+    let q = _mm256_broadcastsi128_si256(ld128(x, at));
+    _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0xF))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    // Scalar: sumf += sumi as f32 * dx * dy.
+    q8_family(
+        w,
+        a,
+        18,
+        0,
+        |x, y| offset_dot(nibbles32(x, 2), 8, y),
+        |s, dx, dy| _mm256_mul_ps(_mm256_mul_ps(s, dx), dy),
+    )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    // Bit j of qh is the fifth bit of value j: qh's byte j / 8 spread over the bytes, each
+    // tested against its own bit.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    // Scalar: sumf += (dx * dy) * sumi as f32.
+    q8_family(
+        w,
+        a,
+        22,
+        0,
+        |x, y| {
+            let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+            let h = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
+            let q = _mm256_or_si256(nibbles32(x, 6), _mm256_and_si256(set, _mm256_set1_epi8(16)));
+            offset_dot(q, 16, y)
+        },
+        |s, dx, dy| _mm256_mul_ps(_mm256_mul_ps(dx, dy), s),
+    )
 }
 
 /// ggml's eight integer lanes for `n` (16 or 32) values: `Σ q[i] * a[i]` over `i % 8 == l`
@@ -452,14 +618,45 @@ fn mul16(u: __m128i, q: __m128i, unsigned: bool) -> __m256i {
 /// Tail of the K-quant vec_dots: `sumf += s` for the eight lanes in order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn add_lanes(mut sumf: f32, sums: __m256) -> f32 {
-    let mut s = [0f32; 8];
-    // SAFETY: `s` holds 8 writable f32; the store is unaligned.
-    unsafe { _mm256_storeu_ps(s.as_mut_ptr(), sums) };
-    for v in s {
-        sumf += v;
+fn add_lanes(sumf: f32, sums: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(sums);
+    let hi = _mm256_extractf128_ps::<1>(sums);
+    add4(add4(sumf, lo, 4), hi, 4)
+}
+
+/// `sumf += v[i]` for the first `k` (at most 4) lanes of `v`, in order, in registers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn add4(sumf: f32, v: __m128, k: usize) -> f32 {
+    let mut s = _mm_set_ss(sumf);
+    if k > 0 {
+        s = _mm_add_ss(s, v);
     }
-    sumf
+    if k > 1 {
+        s = _mm_add_ss(s, _mm_movehdup_ps(v));
+    }
+    if k > 2 {
+        s = _mm_add_ss(s, _mm_movehl_ps(v, v));
+    }
+    if k > 3 {
+        s = _mm_add_ss(s, _mm_shuffle_ps::<0b11>(v, v));
+    }
+    _mm_cvtss_f32(s)
+}
+
+/// ggml's lanes (`i % 8`) in whole dwords: 32 bytes reordered so that dword `l` holds the
+/// four bytes of values `l, l + 8, l + 16, l + 24` (`VPERMD` gathers the dwords of values
+/// `0..4, 8..12, 16..20, 24..28` in the low half and `4..8, ...` in the high half, `VPSHUFB`
+/// transposes each half's 4 × 4 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lanes_to_dwords(v: __m256i) -> __m256i {
+    let perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    let t = _mm256_setr_epi8(
+        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10,
+        14, 3, 7, 11, 15,
+    );
+    _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(v, perm), t)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -471,22 +668,23 @@ fn q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         let mut sc12 = [0u8; 12];
         sc12.copy_from_slice(&x[4..16]);
         let (sc, mn) = k4_scales_mins(&sc12);
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += i16::from_le_bytes([y[260 + 2 * j], y[261 + 2 * j]]) as i32 * mn[j / 2] as i32;
-        }
+        // Σ bsums[j] · mins[j / 2] (exact in i32, so the order is free).
+        let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
+            _mm_cvtsi64_si128(u64::from_le_bytes(mn) as i64),
+            _mm_set_epi64x(0x0707_0606_0505_0404, 0x0303_0202_0101_0000),
+        ));
+        let sumi = hsum_i32(_mm256_madd_epi16(ld256(y, 260), mins));
+        // aux32[l]: with values and activations both in `lanes_to_dwords` order, VPMADDUBSW
+        // (|pair| <= 2 · 15 · 128) and VPMADDWD with the sub-block's scale leave lane l's
+        // products in dword l.
         let mut aux = _mm256_setzero_si256();
         for j in 0..4 {
-            let q4 = ld256(x, 16 + 32 * j);
+            let q4 = lanes_to_dwords(ld256(x, 16 + 32 * j));
             let lo = _mm256_and_si256(q4, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
             for (g, v) in [(2 * j, lo), (2 * j + 1, hi)] {
-                let q8 = 4 + 32 * g;
-                let p = _mm256_add_epi16(
-                    mul16(_mm256_castsi256_si128(v), ld128(y, q8), true),
-                    mul16(_mm256_extracti128_si256::<1>(v), ld128(y, q8 + 16), true),
-                );
-                aux = _mm256_add_epi32(aux, lanes_scaled(p, sc[g] as i32));
+                let p = _mm256_maddubs_epi16(v, lanes_to_dwords(ld256(y, 4 + 32 * g)));
+                aux = _mm256_add_epi32(aux, _mm256_madd_epi16(p, _mm256_set1_epi16(sc[g] as i16)));
             }
         }
         let yd = f32_at(y, 0);

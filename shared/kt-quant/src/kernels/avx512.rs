@@ -51,7 +51,7 @@ table! {
     F32 { dot_f32: dot_f32_f32 }
     F16 { dot_f32: dot_f32_f16 }
     BF16 { dot_f32: dot_f32_bf16 }
-    Q4_0 { dot_f32: dot_f32_q4_0 }
+    Q4_0 { dot_f32: dot_f32_q4_0, vec_dot: avx2::vec_dot_q4_0, vec_dot_isa: "avx2" }
     Q8_0 { dot_f32: dot_f32_q8_0, vec_dot: avx2::vec_dot_q8_0, vec_dot_isa: "avx2" }
     Q4_K { dot_f32: dot_f32_q4_k, vec_dot: avx2::vec_dot_q4_k, vec_dot_isa: "avx2" }
     Q5_K { dot_f32: dot_f32_q5_k }

@@ -5,7 +5,8 @@
 //!
 //! * `scalar` ([`scalar_kernels`]): the bit-exact reference, on every target;
 //! * `avx2` (x86-64 with AVX2 + FMA + F16C): SIMD `dot_f32` for F32, F16, BF16, Q4_0, Q8_0,
-//!   Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and SIMD `vec_dot` for Q8_0·Q8_0, Q4_K·Q8_K, Q6_K·Q8_K;
+//!   Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS and SIMD `vec_dot` for Q4_0/Q5_0/Q8_0·Q8_0, Q4_K·Q8_K,
+//!   Q6_K·Q8_K;
 //! * `avx512` (AVX-512 F + BW + VL, on top of the AVX2 set): 16-lane `dot_f32` for the same
 //!   formats; its `vec_dot` entries are the AVX2 ones.
 //! * `vnni` (AVX-512 + VNNI): the AVX-512 table with `VPDPBUSD` `vec_dot` for
