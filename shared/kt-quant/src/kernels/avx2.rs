@@ -7,8 +7,8 @@
 //!   is the tolerance `tests/simd.rs` states.
 //! * `vec_dot` (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K): the integer sums are computed in SIMD
 //!   registers (exact; the K-quants keep ggml's eight lanes `i % 8`, Q4_K by reordering bytes
-//!   so that each lane's values share a dword, see `lanes_to_dwords`; the Q8_0 family sums
-//!   eight blocks at a time), and the f32 scale products and sums follow
+//!   so that each lane's values share a dword, see `lanes_to_dwords`; Q4_0/Q5_0 sum eight
+//!   blocks at a time), and the f32 scale products and sums follow
 //!   `ggml_vec_dot_*_generic` operation by operation (lane-wise products, then the block
 //!   results added one after the other), so the results are bit-identical to the scalar
 //!   kernels.
@@ -506,35 +506,20 @@ fn q8_family(
     sumf
 }
 
-/// `256 · Σ x y` of the 32 signed bytes of `x` and `y` in eight i32 lanes, exact for every
-/// byte value (|lane| <= 256 · 4 · 2^14 = 2^24): the even bytes sign-extended to i16 by
-/// shifts (`x` kept in the high byte, i.e. times 256), the odd ones in place (`x`'s low
-/// byte cleared, also times 256), two `VPMADDWD`; no byte shuffles.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn i8_dot_256(x: __m256i, y: __m256i) -> __m256i {
-    let even = _mm256_madd_epi16(
-        _mm256_slli_epi16::<8>(x),
-        _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(y)),
-    );
-    let odd = _mm256_madd_epi16(
-        _mm256_and_si256(x, _mm256_set1_epi16(0xFF00u16 as i16)),
-        _mm256_srai_epi16::<8>(y),
-    );
-    _mm256_add_epi32(even, odd)
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    // Scalar: sumf += sumi as f32 * (dx * dy).
-    q8_family(
-        w,
-        a,
-        34,
-        8,
-        |x, y| i8_dot_256(ld256(x, 2), ld256(y, 2)),
-        |s, dx, dy| _mm256_mul_ps(s, _mm256_mul_ps(dx, dy)),
-    )
+    let mut sumf = 0f32;
+    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+        let p0 =
+            _mm256_madd_epi16(_mm256_cvtepi8_epi16(ld128(x, 2)), _mm256_cvtepi8_epi16(ld128(y, 2)));
+        let p1 = _mm256_madd_epi16(
+            _mm256_cvtepi8_epi16(ld128(x, 18)),
+            _mm256_cvtepi8_epi16(ld128(y, 18)),
+        );
+        let sumi = hsum_i32(_mm256_add_epi32(p0, p1));
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
 }
 
 /// `Σ (q - c) a` for 32 unsigned weights `q` (at most 31) and the signed activations of `y`,

@@ -8,9 +8,8 @@
 //!
 //! Accuracy: the integer sums of every block (and sub-block scale products) are exact, as in
 //! the scalar kernels; what differs is the f32 part: Q4_K multiplies exact per-sub-block
-//! integer sums by `d · scale` in f32 (sixteen lanes), the Q8_0 family multiplies exact
-//! per-block sums of eight blocks at a time by `w.d · a.d` (eight FMA lanes), the others
-//! scale VPDPBUSD lanes, all in their own order rather than ggml's eight `i % 8` lanes. So
+//! integer sums by `d · scale` in f32 (sixteen lanes), the others scale VPDPBUSD lanes (four
+//! consecutive products each) by the block scale `d`, all with FMA in their own order rather than ggml's eight `i % 8` lanes. So
 //! results are not bit-identical to the scalar reference (nor are ggml's own SIMD kernels to
 //! its generic ones); `tests/simd.rs` states the tolerance. `vec_dot` and `vec_dot_tile` are
 //! the same code per (row, token), so they agree bit for bit (`tests/tile.rs`). The BF16
@@ -20,11 +19,8 @@
 //!
 //! Unsigned × signed: VPDPBUSD multiplies unsigned bytes by signed ones. Q4_K/Q5_K/Q6_K
 //! weights are stored unsigned (Q6_K's `q - 32` offset is applied through the activations'
-//! block sums). In the Q8_0 family (Q8_0, Q4_0, Q5_0 against Q8_0) the weights, with their
-//! offset subtracted, are the signed operand and the activations, flipped to `a + 128`
-//! (`a ^ 0x80`), the unsigned one; the accumulator starts at `-128 · Σ w`, which is exact for
-//! every byte value (-128 included). IQ4_XS weights are offset by +128 and `128 · Σa` is
-//! subtracted.
+//! block sums; Q4_0/Q5_0's `q - 8`/`q - 16` through `c · Σa`, computed with VPDPBUSD too); Q8_0 and IQ4_XS weights are signed, so they are offset by +128 (`w ^ 0x80`)
+//! and `128 · Σa` is subtracted, which is exact for every byte value (-128 included).
 //!
 //! Q8_K block sums: the K-quant kernels here take `Σa` per 16 values from the activations'
 //! `bsums` (as ggml's SIMD kernels do), which every Q8_K quantizer writes as the sums of the
@@ -213,56 +209,121 @@ fn bsums_dot(y: &[u8], mult: __m256i) -> i32 {
 // vec_dot
 // ---------------------------------------------------------------------------------------------
 
-/// Q8_0, Q4_0 and Q5_0 × Q8_0, single row: [`q8_row`] with one token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let nb = (w.len() / 34).min(a.len() / 34);
-    q8_row::<1>(w, nb, 34, [a], &|x| q8_0_signed(x), 0)[0]
+    let n = (w.len() / 34).min(a.len() / 34);
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = _mm512_setzero_ps();
+    let mut b = 0;
+    // Two blocks per register: lanes 0..8 block b, lanes 8..16 block b + 1.
+    while b + 2 <= n {
+        let (x0, x1) = (&w[34 * b..34 * b + 34], &w[34 * b + 34..34 * b + 68]);
+        let (y0, y1) = (&a[34 * b..34 * b + 34], &a[34 * b + 34..34 * b + 68]);
+        let wq = _mm512_xor_si512(join(ld256(x0, 2), ld256(x1, 2)), flip);
+        let aq = join(ld256(y0, 2), ld256(y1, 2));
+        // Σ (w + 128) a − 128 Σ a = Σ w a, four products per lane.
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, aq);
+        let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, aq);
+        let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(p, c));
+        let d = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(f16_at(x0, 0) * f16_at(y0, 0)),
+            _mm512_set1_ps(f16_at(x1, 0) * f16_at(y1, 0)),
+        );
+        acc = _mm512_fmadd_ps(d, s, acc);
+        b += 2;
+    }
+    let mut sumf = _mm512_reduce_add_ps(acc);
+    if b < n {
+        let (x, y) = (&w[34 * b..34 * b + 34], &a[34 * b..34 * b + 34]);
+        let flip = _mm256_set1_epi8(-128);
+        let aq = ld256(y, 2);
+        let p =
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(ld256(x, 2), flip), aq);
+        let c = _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, aq);
+        let v = _mm256_sub_epi32(p, c);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)));
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}
+
+/// Q4_0 and Q5_0 against Q8_0: `unpack(block)` gives the 32 unsigned quants of a weight
+/// block (`bytes` long) in value order, `offset` is what the format subtracts (8 or 16).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn small_q8_0(
+    w: &[u8],
+    a: &[u8],
+    bytes: usize,
+    offset: i8,
+    unpack: impl Fn(&[u8]) -> __m256i,
+) -> f32 {
+    let n = (w.len() / bytes).min(a.len() / 34);
+    let c = _mm512_set1_epi8(offset);
+    let mut acc = _mm512_setzero_ps();
+    let mut b = 0;
+    // Two blocks per register: lanes 0..8 block b, lanes 8..16 block b + 1.
+    while b + 2 <= n {
+        let (x0, x1) = (&w[bytes * b..bytes * (b + 1)], &w[bytes * (b + 1)..bytes * (b + 2)]);
+        let (y0, y1) = (&a[34 * b..34 * b + 34], &a[34 * b + 34..34 * b + 68]);
+        let aq = join(ld256(y0, 2), ld256(y1, 2));
+        // Σ (u − c) a = Σ u a − c Σ a, four products per lane.
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(unpack(x0), unpack(x1)), aq);
+        let s = _mm512_sub_epi32(p, _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, aq));
+        let d = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(f16_at(x0, 0) * f16_at(y0, 0)),
+            _mm512_set1_ps(f16_at(x1, 0) * f16_at(y1, 0)),
+        );
+        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc);
+        b += 2;
+    }
+    let mut sumf = _mm512_reduce_add_ps(acc);
+    if b < n {
+        let (x, y) = (&w[bytes * b..bytes * (b + 1)], &a[34 * b..34 * b + 34]);
+        let aq = ld256(y, 2);
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack(x), aq);
+        let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(offset), aq);
+        let v = _mm256_sub_epi32(p, q);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)));
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}
+
+/// The 16 bytes at `at` split into 32 nibbles: low nibbles (values 0..16), then high ones.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn nibbles32(x: &[u8], at: usize) -> __m256i {
+    let q = ld128(x, at);
+    let m4 = _mm_set1_epi8(0xF);
+    let lo = _mm_and_si128(q, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), m4);
+    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let nb = (w.len() / 18).min(a.len() / 34);
-    q8_row::<1>(w, nb, 18, [a], &|x| q4_0_signed(x), 0)[0]
+    small_q8_0(w, a, 18, 8, |x| nibbles32(x, 2))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let nb = (w.len() / 22).min(a.len() / 34);
-    q8_row::<1>(w, nb, 22, [a], &|x| q5_0_signed(x), 0)[0]
+    small_q8_0(w, a, 22, 16, |x| q5_0_unpack(x))
 }
 
-/// Q8_0's 32 quants (signed bytes).
+/// Q5_0's 32 unsigned quants (0..32) in value order.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q8_0_signed(x: &[u8]) -> __m256i {
-    ld256(x, 2)
-}
-
-/// The 16 bytes at `at` split into 32 nibbles (values 0..16): low nibbles, then high ones.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn nibbles32(x: &[u8], at: usize) -> __m256i {
-    // The same 16 bytes in both halves (a broadcast load), the upper half shifted by 4.
-    let q = _mm256_broadcastsi128_si256(ld128(x, at));
-    _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_set_epi64x(4, 4, 0, 0)), _mm256_set1_epi8(0xF))
-}
-
-/// Q4_0's 32 values `q - 8` (signed bytes) in value order.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q4_0_signed(x: &[u8]) -> __m256i {
-    _mm256_sub_epi8(nibbles32(x, 2), _mm256_set1_epi8(8))
-}
-
-/// Q5_0's 32 values `q - 16` (signed bytes) in value order.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q5_0_signed(x: &[u8]) -> __m256i {
-    // Bit j of qh is the fifth bit of value j: subtract 16 where it is clear.
+fn q5_0_unpack(x: &[u8]) -> __m256i {
+    // Bit j of qh is the fifth bit of value j: 16 in the bytes whose bit is set.
     let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
-    let q = nibbles32(x, 6);
-    _mm256_mask_sub_epi8(q, !qh, q, _mm256_set1_epi8(16))
+    _mm256_or_si256(nibbles32(x, 6), _mm256_maskz_set1_epi8(qh, 16))
 }
 
 /// The scales and mins of a Q4_K/Q5_K block (`x[4..16]`), as eight bytes each in one u64
@@ -742,122 +803,84 @@ fn iq4_xs_q8_k(w: &[u8], a: &[u8]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Q8_0 family: rows and tiles
+// Q8_0-family tiles
 // ---------------------------------------------------------------------------------------------
 
-/// Eight vectors of eight i32 lanes summed lane-wise into one: lane `i` of the result is the
-/// sum of the lanes of `s[i]`. Exact (integer adds).
+/// One token's pair of Q8_0 activation blocks prepared once for all the rows of a tile: the
+/// 64 quants, minus the offset correction `Σ c · a` per i32 lane (as the single-row kernels
+/// compute it, with `VPDPBUSD`), and the two block scales per lane (lanes 0..8, 8..16).
+#[derive(Clone, Copy)]
+struct Q8Pair {
+    aq: __m512i,
+    negc: __m512i,
+    da: __m512,
+}
+
+/// Σ of the 32 products of the last (odd) block, exactly as the single-row kernels' tail.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn reduce8(s: [__m256i; 8]) -> __m256i {
-    let t = |a: __m256i, b: __m256i| {
-        _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
-    };
-    let (t01, t23, t45, t67) = (t(s[0], s[1]), t(s[2], s[3]), t(s[4], s[5]), t(s[6], s[7]));
-    let u = |a: __m256i, b: __m256i| {
-        _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
-    };
-    // Per 128-bit half: the sums of that half of s[0..4] (u0) and s[4..8] (u1).
-    let (u0, u1) = (u(t01, t23), u(t45, t67));
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(u0, u1),
-        _mm256_permute2x128_si256::<0x31>(u0, u1),
-    )
+fn q8_tail_sumi(xq: __m256i, y: &[u8], c: i8) -> i32 {
+    {
+        let aq = ld256(y, 2);
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xq, aq);
+        let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(c), aq);
+        let v = _mm256_sub_epi32(p, q);
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
+    }
 }
 
-/// The f16 at `b[stride * i..]`, `i` in 0..8, as f32 (exact).
-///
-/// # Safety
-/// The CPU must have F16C (only called from this module's `#[target_feature]` kernels); not
-/// itself a `#[target_feature]` function so that it can be `#[inline(always)]`.
-#[inline(always)]
-unsafe fn f16x8(b: &[u8], stride: usize) -> __m256 {
-    let b = &b[..7 * stride + 2];
-    let h = |i: usize| u16::from_le_bytes([b[stride * i], b[stride * i + 1]]) as u64;
-    let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
-    let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
-    // SAFETY: the caller guarantees F16C.
-    unsafe { _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64)) }
-}
-
-/// One weight row `x` (`nb` blocks of `bytes`; `signed(block)` gives a block's 32 values as
-/// signed bytes, offset already subtracted) against `G` Q8_0 activation rows `ys`.
-///
-/// Blocks go in groups of eight (the last group padded with zero blocks, see below). Per
-/// block, the
-/// weights are the signed operand of `VPDPBUSD` and the activations, flipped to `a + 128`,
-/// the unsigned one; the accumulator starts at `-128 · Σ w` (itself a `VPDPBUSD`), so each
-/// lane ends at the exact `Σ w a` of four products for every byte value. Per group, the eight
-/// blocks' lanes are reduced to one exact sum per block ([`reduce8`]), converted to f32 and
-/// multiplied with `w.d · a.d` (FMA into eight f32 lanes); the result is the sum of the lanes.
-/// The operations per (row, token) do not depend on `G`: every `G` gives the same bits.
+/// One weight row `x` (`nb` blocks of `bytes`; `unpack` gives a block's 32 quants as unsigned
+/// bytes, `c` the offset subtracted through the activations) against `G` prepared tokens
+/// (`prep[t * pairs..]`, `ys[t]` their rows for the tail block). Per (row, token), the same
+/// operations as `q8_0_q8_0`/`small_q8_0` in the same order: bit-identical results.
+#[allow(clippy::too_many_arguments)] // a row, its tokens and the format's parameters
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_row<const G: usize>(
     x: &[u8],
     nb: usize,
     bytes: usize,
+    prep: &[Q8Pair],
     ys: [&[u8]; G],
-    signed: &impl Fn(&[u8]) -> __m256i,
+    c: i8,
+    unpack: &impl Fn(&[u8]) -> __m256i,
     dist: usize,
 ) -> [f32; G] {
-    let flip = _mm256_set1_epi8(-128);
-    let z = _mm256_setzero_si256();
-    let mut acc = [_mm256_setzero_ps(); G];
-    // Eight weight blocks `xg` against eight activation blocks of each token.
-    let mut group = |xg: &[u8], ysg: [&[u8]; G]| {
-        let xg = &xg[..8 * bytes];
-        let mut ws = [z; 8];
-        let mut negc = [z; 8];
-        for i in 0..8 {
-            ws[i] = signed(&xg[bytes * i..bytes * (i + 1)]);
-            negc[i] = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, flip, ws[i]));
-        }
-        // SAFETY: this closure runs inside this function, whose features f16x8 needs.
-        let dx = unsafe { f16x8(xg, bytes) };
-        for t in 0..G {
-            let y = &ysg[t][..8 * 34];
-            let mut s = [z; 8];
-            for i in 0..8 {
-                let a = _mm256_xor_si256(ld256(y, 34 * i + 2), flip);
-                s[i] = _mm256_dpbusd_epi32(negc[i], a, ws[i]);
+    {
+        let pairs = nb / 2;
+        let mut acc = [_mm512_setzero_ps(); G];
+        for p in 0..pairs {
+            prefetch_ahead(x, 2 * bytes * p, 2 * bytes, dist);
+            let (x0, x1) = (&x[bytes * 2 * p..], &x[bytes * (2 * p + 1)..]);
+            let wq = join(unpack(x0), unpack(x1));
+            let dw = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(f16_at(x0, 0)),
+                _mm512_set1_ps(f16_at(x1, 0)),
+            );
+            for t in 0..G {
+                let pp = &prep[t * pairs + p];
+                let s = _mm512_dpbusd_epi32(pp.negc, wq, pp.aq);
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, pp.da), _mm512_cvtepi32_ps(s), acc[t]);
             }
-            // SAFETY: as above.
-            let d = _mm256_mul_ps(dx, unsafe { f16x8(y, 34) });
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(reduce8(s)), d, acc[t]);
         }
-    };
-    let mut b0 = 0;
-    while b0 + 8 <= nb {
-        prefetch_ahead(x, bytes * b0, bytes * 8, dist);
-        let mut ysg: [&[u8]; G] = [&[]; G];
+        let mut out = [0f32; G];
         for t in 0..G {
-            ysg[t] = &ys[t][34 * b0..];
+            out[t] = _mm512_reduce_add_ps(acc[t]);
         }
-        group(&x[bytes * b0..], ysg);
-        b0 += 8;
-    }
-    if b0 < nb {
-        // The last blocks, padded with zero blocks: their scales are 0 and their integer
-        // sums 0 (`-128 Σ w + Σ 128 w`), so they add exact zeros.
-        let k = nb - b0;
-        let mut xt = [0u8; 8 * 36];
-        xt[..bytes * k].copy_from_slice(&x[bytes * b0..bytes * nb]);
-        let mut yt = [[0u8; 8 * 34]; G];
-        let mut ysg: [&[u8]; G] = [&[]; G];
-        for t in 0..G {
-            yt[t][..34 * k].copy_from_slice(&ys[t][34 * b0..34 * nb]);
+        if nb % 2 == 1 {
+            let b = nb - 1;
+            let xb = &x[bytes * b..bytes * (b + 1)];
+            let xq = unpack(xb);
+            for t in 0..G {
+                let y = &ys[t][34 * b..34 * (b + 1)];
+                out[t] += q8_tail_sumi(xq, y, c) as f32 * (f16_at(xb, 0) * f16_at(y, 0));
+            }
         }
-        for t in 0..G {
-            ysg[t] = &yt[t];
-        }
-        group(&xt, ysg);
+        out
     }
-    let mut out = [0f32; G];
-    for t in 0..G {
-        out[t] = hsum256_ps(acc[t]);
-    }
-    out
 }
 
 /// The Q8_0/Q4_0/Q5_0 × Q8_0 tile (see [`super::VecDotTileFn`]).
@@ -872,22 +895,44 @@ fn q8_tile(
     out: &mut [f32],
     ldo: usize,
     bytes: usize,
-    signed: impl Fn(&[u8]) -> __m256i,
+    c: i8,
+    unpack: impl Fn(&[u8]) -> __m256i,
 ) {
     let nb = (wrb / bytes).min(arb / 34);
     let dist = super::prefetch_distance();
+    let pairs = nb / 2;
     let (rows, tokens) = (w.len() / wrb, a.len() / arb);
     let row = |t: usize| &a[t * arb..(t + 1) * arb];
+    let mut prep: Vec<Q8Pair> = Vec::with_capacity(group_of(tokens) * pairs);
+    let cv = _mm512_set1_epi8(c);
     let mut t0 = 0;
     while t0 < tokens {
         let g = group_of(tokens - t0);
+        prep.clear();
+        for i in 0..g {
+            let y = row(t0 + i);
+            for p in 0..pairs {
+                let (y0, y1) = (&y[68 * p..68 * p + 34], &y[68 * p + 34..68 * p + 68]);
+                let aq = join(ld256(y0, 2), ld256(y1, 2));
+                let corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, aq);
+                prep.push(Q8Pair {
+                    aq,
+                    negc: _mm512_sub_epi32(_mm512_setzero_si512(), corr),
+                    da: _mm512_mask_blend_ps(
+                        0xFF00,
+                        _mm512_set1_ps(f16_at(y0, 0)),
+                        _mm512_set1_ps(f16_at(y1, 0)),
+                    ),
+                });
+            }
+        }
         let ys8: [&[u8]; 8] = std::array::from_fn(|i| row((t0 + i).min(tokens - 1)));
         for (r, x) in w.chunks_exact(wrb).enumerate().take(rows) {
             macro_rules! go {
                 ($g:literal) => {{
                     let mut ys: [&[u8]; $g] = [&[]; $g];
                     ys.copy_from_slice(&ys8[..$g]);
-                    let v = q8_row::<$g>(x, nb, bytes, ys, &signed, dist);
+                    let v = q8_row::<$g>(x, nb, bytes, &prep, ys, c, &unpack, dist);
                     for (i, v) in v.into_iter().enumerate() {
                         out[(t0 + i) * ldo + r] = v;
                     }
@@ -904,19 +949,51 @@ fn q8_tile(
     }
 }
 
+/// Below this many tokens the Q8_0-family tiles call the single-row kernel pair by pair:
+/// preparing the activations costs more than it saves (measured: `q8_0_tile` with one or two
+/// tokens per call was the hot spot of the decode layer).
+const Q8_TILE_MIN_TOKENS: usize = 4;
+
+/// `vec_dot` pair by pair (the same results as the tiles: they reproduce it bit for bit).
+fn pairs_tile(
+    w: &[u8],
+    wrb: usize,
+    a: &[u8],
+    arb: usize,
+    out: &mut [f32],
+    ldo: usize,
+    f: fn(&[u8], &[u8]) -> f32,
+) {
+    for (t, at) in a.chunks_exact(arb).enumerate() {
+        for (r, wr) in w.chunks_exact(wrb).enumerate() {
+            out[t * ldo + r] = f(wr, at);
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
-    q8_tile(w, wrb, a, arb, out, ldo, 34, |x| q8_0_signed(x))
+    if a.len() / arb < Q8_TILE_MIN_TOKENS {
+        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q8_0);
+    }
+    let flip = _mm256_set1_epi8(-128);
+    q8_tile(w, wrb, a, arb, out, ldo, 34, -128, |x| _mm256_xor_si256(ld256(x, 2), flip))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
-    q8_tile(w, wrb, a, arb, out, ldo, 18, |x| q4_0_signed(x))
+    if a.len() / arb < Q8_TILE_MIN_TOKENS {
+        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q4_0);
+    }
+    q8_tile(w, wrb, a, arb, out, ldo, 18, 8, |x| nibbles32(x, 2))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
-    q8_tile(w, wrb, a, arb, out, ldo, 22, |x| q5_0_signed(x))
+    if a.len() / arb < Q8_TILE_MIN_TOKENS {
+        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q5_0);
+    }
+    q8_tile(w, wrb, a, arb, out, ldo, 22, 16, |x| q5_0_unpack(x))
 }
 
 // ---------------------------------------------------------------------------------------------
