@@ -164,7 +164,9 @@ fn main() -> anyhow::Result<()> {
         expert_servers = args.experts.len(),
         "worker ready"
     );
-    let service = WorkerService::new(engine, &loaded.name);
+    // Health reports not serving while an expert server is down with no live replica.
+    let service =
+        WorkerService::new(engine, &loaded.name).with_expert_health(loaded.experts_health);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 
+use kt_expert::TierHealth;
 use kt_proto::v1::health_response::Status as Serving;
 use kt_proto::v1::worker_server::{Worker, WorkerServer};
 use kt_proto::v1::{
@@ -24,13 +25,34 @@ pub struct WorkerService {
     /// Model name reported by `Info`.
     name: String,
     config_hash: u64,
+    /// The expert servers the model calls, when it does.
+    experts: Option<TierHealth>,
 }
 
 impl WorkerService {
     /// Serves `engine`, naming the model `model_name` in `Info`.
     pub fn new(engine: Engine, model_name: &str) -> Self {
         let config_hash = kt_expert::config_hash(&engine.model().config);
-        Self { engine, name: model_name.to_string(), config_hash }
+        Self { engine, name: model_name.to_string(), config_hash, experts: None }
+    }
+
+    /// `Health` also asks the expert tier ([`crate::setup::WorkerModel::experts_health`]):
+    /// not serving while a server the model needs is down and none of its replicas is up.
+    pub fn with_expert_health(mut self, experts: Option<TierHealth>) -> Self {
+        self.experts = experts;
+        self
+    }
+
+    /// What `Health` answers: serving, unless the expert tier cannot answer for some share
+    /// (the message names the servers); serving with a message while a replica stands in.
+    pub fn health_status(&self) -> HealthResponse {
+        match self.experts.as_ref().map(TierHealth::check) {
+            Some(s) if !s.serving => {
+                HealthResponse { status: Serving::NotServing as i32, message: s.message }
+            }
+            Some(s) => HealthResponse { status: Serving::Serving as i32, message: s.message },
+            None => HealthResponse { status: Serving::Serving as i32, message: String::new() },
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -150,10 +172,11 @@ impl Worker for WorkerService {
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse {
-            status: Serving::Serving as i32,
-            message: String::new(),
-        }))
+        let h = self.health_status();
+        if h.status != Serving::Serving as i32 {
+            tracing::debug!(reason = %h.message, "health: not serving");
+        }
+        Ok(Response::new(h))
     }
 }
 

@@ -7,12 +7,16 @@
 //! `intermediate` split every server's partial sum, [`kt_expert::SlicedExperts`]) over one
 //! long-lived link per server (shared memory on the same host, else gRPC), and adds the
 //! answers. [`RemoteExperts`] reconnects a lost server with backoff, so the worker serves
-//! again once the server is back; calls meanwhile fail with [`ModelError::Experts`].
+//! again once the server is back; calls meanwhile fail with [`ModelError::Experts`] — unless
+//! the plan gives the server replicas, which then answer its calls
+//! ([`kt_expert::FailoverExperts`]). [`WorkerModel::experts_health`] tells the worker's
+//! `Health` whether every share has a reachable holder.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kt_expert::{identity, RemoteExperts, RemoteOptions};
+use kt_expert::failover::Member;
+use kt_expert::{identity, RemoteExperts, RemoteOptions, TierHealth};
 use kt_models::{Experts, MatmulMode, Model, ModelConfig, ShardedExperts};
 use kt_plan::{ModelShape, Plan};
 
@@ -79,6 +83,8 @@ pub struct WorkerModel {
     pub name: String,
     /// End-of-sequence ids declared by the model files.
     pub eos_ids: Vec<u32>,
+    /// The expert servers' state, when the routed experts are on servers.
+    pub experts_health: Option<TierHealth>,
 }
 
 /// Loads the model `opts` names, connecting to its expert servers when there are any.
@@ -110,10 +116,9 @@ pub fn load_model(opts: &ModelOptions) -> Result<WorkerModel, WorkerError> {
             let ours = identity(&name, &config);
             let addrs: Vec<(String, String)> =
                 opts.experts.iter().map(|a| (a.name.clone(), a.addr.clone())).collect();
-            Some(
-                kt_expert::connect_plan(plan, &shape, &ours, &addrs, &opts.remote)
-                    .map_err(|e| WorkerError::Experts(e.to_string()))?,
-            )
+            let tier = kt_expert::connect_plan_tier(plan, &shape, &ours, &addrs, &opts.remote)
+                .map_err(|e| WorkerError::Experts(e.to_string()))?;
+            Some((tier.experts, tier.health))
         }
         Some(plan) if plan.experts.is_none() && !opts.experts.is_empty() => {
             return Err(WorkerError::Config(format!(
@@ -124,30 +129,32 @@ pub fn load_model(opts: &ModelOptions) -> Result<WorkerModel, WorkerError> {
         _ if opts.experts.is_empty() => None,
         _ => Some(connect_servers(&name, &config, &opts.experts, &opts.remote)?),
     };
-    let model = match experts {
-        None => Model::load(config, parts.source.tensors(), parts.scheme, opts.mode)?,
-        Some(experts) => {
+    let (model, experts_health) = match experts {
+        None => (Model::load(config, parts.source.tensors(), parts.scheme, opts.mode)?, None),
+        Some((experts, health)) => (
             Model::load_with(config, parts.source.tensors(), parts.scheme, opts.mode, &|_, _| {
                 false
             })?
-            .with_experts(experts)
-        }
+            .with_experts(experts),
+            Some(health),
+        ),
     };
     let model = match opts.experts_per_token {
         Some(k) => model.with_experts_per_token(k)?,
         None => model,
     };
-    Ok(WorkerModel { model, name, eos_ids: parts.eos_ids })
+    Ok(WorkerModel { model, name, eos_ids: parts.eos_ids, experts_health })
 }
 
 /// Without a plan: connects to every server, learns from `Info` what each holds, checks that
-/// together they hold every routed expert, and shards calls by owner.
+/// together they hold every routed expert, and shards calls by owner (no replicas: the
+/// health is down while any server is).
 fn connect_servers(
     name: &str,
     config: &ModelConfig,
     servers: &[ExpertAddr],
     opts: &RemoteOptions,
-) -> Result<Arc<dyn Experts>, WorkerError> {
+) -> Result<(Arc<dyn Experts>, TierHealth), WorkerError> {
     let Some(moe) = &config.moe else {
         return Err(WorkerError::Config(
             "expert servers were given, but the model has no routed experts".into(),
@@ -162,6 +169,7 @@ fn connect_servers(
     let (nl, ne) = (config.n_layers, moe.n_experts);
     let mut sharded = ShardedExperts::new(config.hidden);
     let mut covered = vec![vec![false; ne]; nl];
+    let mut groups = Vec::with_capacity(servers.len());
     for s in servers {
         let remote = RemoteExperts::connect(&s.addr, &ours, opts.clone())
             .map_err(|e| WorkerError::Experts(format!("{}: {e}", s.name)))?;
@@ -171,7 +179,9 @@ fn connect_servers(
                 *c |= o;
             }
         }
-        sharded = sharded.add(Arc::new(remote), owns);
+        let remote = Arc::new(remote);
+        groups.push((Member::new(&s.name, &s.addr, remote.clone()), Vec::new(), None));
+        sharded = sharded.add(remote, owns);
     }
     let missing: Vec<String> = (0..nl)
         .filter(|&l| config.is_moe_layer(l))
@@ -186,5 +196,5 @@ fn connect_servers(
             missing.join(", ")
         )));
     }
-    Ok(Arc::new(sharded))
+    Ok((Arc::new(sharded), TierHealth::new(groups)))
 }
