@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -36,28 +37,72 @@ pub struct ServeArgs {
     /// Routed experts per token, lower than the model's top-k ("selective experts").
     #[arg(long, env = "KT_SERVE_EXPERTS_PER_TOKEN")]
     experts_per_token: Option<usize>,
-    /// API keys the gateway accepts (comma-separated); none = no key needed.
-    #[arg(long, env = "KT_SERVE_API_KEYS", value_delimiter = ',')]
+    /// API keys the gateway accepts (repeatable or comma-separated); none = no key needed.
+    #[arg(long, env = "KT_SERVE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_key: Vec<String>,
+    /// The model id clients use (default: the file or folder name; `qwen3moe-tiny` for the
+    /// embedded model).
+    #[arg(long, env = "KT_SERVE_MODEL_NAME")]
+    model_name: Option<String>,
+    /// A jinja chat template file that replaces the model's (e.g. one that defines tool calls).
+    #[arg(long, env = "KT_SERVE_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, env = "KT_SERVE_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Generations admitted at once (the gateway's admission limit, besides --max-batch).
+    #[arg(long, env = "KT_SERVE_MAX_RUNNING", default_value_t = 512)]
+    max_running: usize,
+    /// Requests that may wait for admission (429 beyond).
+    #[arg(long, env = "KT_SERVE_MAX_QUEUE", default_value_t = 1024)]
+    max_queue: usize,
+    /// Longest wait for admission in seconds (503 after).
+    #[arg(long, env = "KT_SERVE_QUEUE_TIMEOUT_S", default_value_t = 30.0)]
+    queue_timeout_s: f64,
+    /// Origins allowed by CORS, repeatable or comma-separated (`*` = any); none = no CORS.
+    #[arg(long = "cors-origin", env = "KT_SERVE_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.kv_memory > 0.0 && args.kv_memory.is_finite()) {
         anyhow::bail!("--kv-memory {}: must be a positive number of GiB", args.kv_memory);
     }
+    if !(args.queue_timeout_s >= 0.0 && args.queue_timeout_s.is_finite()) {
+        anyhow::bail!("--queue-timeout-s {}: must be a number ≥ 0", args.queue_timeout_s);
+    }
     let loaded = crate::load_model(&args.model)?;
-    let (name, card) = match &args.model.model {
+    let (name, mut card) = match &args.model.model {
         Some(path) => {
-            let name = model_name(path);
+            let name = args.model_name.clone().unwrap_or_else(|| model_name(path));
             let card = ModelCard::from_path(path, Some(name.clone()))
                 .with_context(|| format!("reading the tokenizer of {}", path.display()))?;
             (name, card)
         }
         None => {
-            let card = ModelCard::embedded().context("embedded model")?;
-            ("qwen3moe-tiny".to_string(), card)
+            let mut card = ModelCard::embedded().context("embedded model")?;
+            if let Some(n) = &args.model_name {
+                card.name = n.clone();
+            }
+            (card.name.clone(), card)
         }
     };
+    if let Some(t) = &args.chat_template {
+        let src = std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?;
+        card = card
+            .with_template_source(&src)
+            .with_context(|| format!("compiling {}", t.display()))?;
+    }
+    let cfg = GatewayConfig {
+        api_keys: args.api_key.clone(),
+        max_body_bytes: args.max_body_bytes,
+        max_running: args.max_running,
+        max_queue: args.max_queue,
+        queue_timeout: Duration::from_secs_f64(args.queue_timeout_s),
+        cors_origins: args.cors_origins.clone(),
+        ..GatewayConfig::default()
+    };
+    cfg.validate()?;
     let model = match args.experts_per_token {
         Some(k) => loaded.model.with_experts_per_token(k)?,
         None => loaded.model,
@@ -81,7 +126,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(async {
         let channel = in_process_channel(service.into_server());
         let workers = vec![WorkerEndpoint { name: "local".into(), channel }];
-        let cfg = GatewayConfig { api_keys: args.api_key.clone(), ..GatewayConfig::default() };
         let gateway = Gateway::new(cfg, card, workers)?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await

@@ -1,12 +1,20 @@
 """Fixtures of the gateway's end-to-end tests: processes started here and stopped at the end.
 
-A worker: $KT_E2E_WORKER (host:port of a running worker, e.g. the real kt-worker), else the
-simulated worker ($KT_E2E_SIM_BIN). Gateways ($KT_E2E_GATEWAY_BIN) are started per
-configuration against it. Nothing here reaches the network beyond 127.0.0.1.
+Two ways to serve the API under test:
+* kt-gateway ($KT_E2E_GATEWAY_BIN), one process per configuration, in front of a worker:
+  $KT_E2E_WORKER (host:port of a running worker, e.g. the real kt-worker), else the simulated
+  worker ($KT_E2E_SIM_BIN);
+* `kt serve` ($KT_E2E_SERVE_BIN, the `kt` binary; tests/e2e/run-api-serve.sh): gateway, worker
+  engine and experts in one process, one per configuration, each started with
+  $KT_E2E_SERVE_ARGS (e.g. `--model FILE --model-name qwen3moe-tiny`) plus the configuration's
+  gateway flags (API keys, limits, chat template), which `kt serve` takes under the same names.
+
+Nothing here reaches the network beyond 127.0.0.1.
 """
 
 import os
 import pathlib
+import shlex
 import subprocess
 import time
 
@@ -53,9 +61,16 @@ def _bin(var):
     return path
 
 
+def _serve_mode():
+    return bool(os.environ.get("KT_E2E_SERVE_BIN"))
+
+
 @pytest.fixture(scope="session")
 def worker():
-    """(address, is_simulated)."""
+    """(address, is_simulated); no address under `kt serve`, which holds its own worker."""
+    if _serve_mode():
+        yield None, False
+        return
     given = os.environ.get("KT_E2E_WORKER")
     if given:
         yield given, False
@@ -66,6 +81,12 @@ def worker():
 
 
 def start_gateway(worker_addr, *extra):
+    """A gateway with the gateway flags `extra`: kt-gateway in front of `worker_addr`, or a
+    `kt serve` process of its own."""
+    if _serve_mode():
+        return Proc([_bin("KT_E2E_SERVE_BIN"), "serve", "--listen", "127.0.0.1:0",
+                     *shlex.split(os.environ.get("KT_E2E_SERVE_ARGS", "")), *extra],
+                    env={"RUST_LOG": "warn"})
     return Proc([_bin("KT_E2E_GATEWAY_BIN"), "--worker", worker_addr, "--listen", "127.0.0.1:0",
                  "--health-interval-ms", "200", *extra], env={"RUST_LOG": "warn"})
 
@@ -103,4 +124,5 @@ def tiny_gateway(worker):
 @pytest.fixture
 def simulated(worker):
     if not worker[1]:
-        pytest.skip("needs the simulated worker's scripted replies")
+        pytest.skip("needs the simulated worker's scripted replies (a real model's output is "
+                    "not a tool call / JSON / a seconds-long generation on demand)")
