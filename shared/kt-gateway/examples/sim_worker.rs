@@ -9,8 +9,11 @@
 //! Scripted replies (a prompt containing the word on the left gets the text on the right,
 //! then the first stop id): `stopword` → `Hello world. STOP here and more`; `weather` → a
 //! Hermes `<tool_call>` for `get_weather(city=Paris)`; `jsonplease` → `{"a": [1, 2], "b":
-//! "x"}` followed by other words; `badjson` → `this is not json`. Other prompts get hashed
-//! one-letter tokens (greedy and seeded requests are reproducible).
+//! "x"}` followed by other words; `badjson` → `this is not json`; continuations of the call
+//! opening that `tool_choice` puts at the start of the reply: `forcecity` → the arguments
+//! `{"city": "Paris"}}` of a named call, `anycall` → a whole `get_time(zone=CET)` call,
+//! `nocall` → plain text. Other prompts get hashed one-letter tokens (greedy and seeded
+//! requests are reproducible).
 
 use std::time::Duration;
 
@@ -50,6 +53,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         SimReply::text(&card, "jsonplease", "  {\"a\": [1, 2], \"b\": \"x\"} trailing words"),
         SimReply::text(&card, "badjson", "this is not json"),
+        SimReply::text(&card, "forcecity", " {\"city\": \"Paris\"}}\n</tool_call> and more"),
+        SimReply::text(
+            &card,
+            "anycall",
+            "{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}\n</tool_call>",
+        ),
+        SimReply::text(&card, "nocall", "I would rather not."),
     ]
     .concat();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

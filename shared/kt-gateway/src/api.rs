@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::engine::{self, Event, GenSpec, GenStream};
 use crate::error::ApiError;
 use crate::server::AppState;
-use crate::tools::ToolFormat;
+use crate::tools::{ToolChoice, ToolFormat};
 
 /// Sampling as the API layers collect it (already defaulted per API).
 #[derive(Debug, Clone, Default)]
@@ -91,6 +91,11 @@ pub(crate) struct Job {
     pub logprobs: bool,
     pub json: bool,
     pub tools: Option<ToolFormat>,
+    /// Whether the reply must be a call; the prompts then end with the call's opening
+    /// ([`chat_prompt`]'s `prefill`).
+    pub tool_choice: ToolChoice,
+    /// Tool calls as events while they stream (OpenAI streaming).
+    pub stream_calls: bool,
 }
 
 /// Resolves the budget against the context: 400 with the numbers when it cannot fit.
@@ -154,6 +159,8 @@ pub(crate) async fn start_all(
                 logprobs: job.logprobs,
                 json: job.json,
                 tools: job.tools,
+                tool_choice: job.tool_choice.clone(),
+                stream_calls: job.stream_calls,
                 skip_special: true,
                 trace: state.trace(headers),
                 arrived,
@@ -258,20 +265,23 @@ pub(crate) fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiEr
     Ok(out)
 }
 
-/// Renders and tokenizes a chat prompt (the template writes BOS and special tokens itself).
+/// Renders and tokenizes a chat prompt (the template writes BOS and special tokens itself);
+/// `prefill` is text the assistant's turn starts with (a required tool call's opening).
 pub(crate) fn chat_prompt(
     state: &AppState,
     messages: Vec<Value>,
     tools: Option<Vec<Value>>,
     extra: serde_json::Map<String, Value>,
+    prefill: &str,
 ) -> Result<Vec<u32>, ApiError> {
     let req = ChatRequest { messages, tools, add_generation_prompt: true, extra };
-    let text = state.model.template.render(&req).map_err(|e| {
+    let mut text = state.model.template.render(&req).map_err(|e| {
         ApiError::param(
             "messages",
             format!("The model's chat template could not render these messages: {e}"),
         )
     })?;
+    text.push_str(prefill);
     state
         .model
         .tokenizer

@@ -25,7 +25,7 @@ use crate::jsoncheck::{JsonChecker, JsonState};
 use crate::names;
 use crate::pool::Lease;
 use crate::server::AppState;
-use crate::tools::{ToolCall, ToolFormat};
+use crate::tools::{PartialCall, ToolCall, ToolChoice, ToolFormat};
 
 /// Request tracing: the W3C `traceparent` and the gateway's request id.
 #[derive(Debug, Clone)]
@@ -50,6 +50,12 @@ pub(crate) struct GenSpec {
     pub logprobs: bool,
     pub json: bool,
     pub tools: Option<ToolFormat>,
+    /// Whether the reply must be a call (with `tools`): the prompt then ends with
+    /// `tools.prefill(..)`, which this stream counts as the start of the reply.
+    pub tool_choice: ToolChoice,
+    /// Send calls as [`Event::ToolCall`] while they stream (OpenAI streaming); otherwise they
+    /// come only in the outcome.
+    pub stream_calls: bool,
     /// Leave special tokens out of the text.
     pub skip_special: bool,
     pub trace: Trace,
@@ -103,7 +109,17 @@ pub(crate) struct Outcome {
 
 #[derive(Debug)]
 pub(crate) enum Event {
-    Delta { text: String, logprobs: Vec<TokenLp> },
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLp>,
+    },
+    /// A piece of the `index`-th tool call: its name comes with the first piece, then more of
+    /// its arguments' JSON text (only with [`GenSpec::stream_calls`]).
+    ToolCall {
+        index: usize,
+        name: Option<String>,
+        arguments: String,
+    },
     Done(Box<Outcome>),
 }
 
@@ -166,6 +182,8 @@ pub(crate) struct GenStream {
     /// Tool-call handling: text not yet emitted, and whether calls have started.
     tool_buf: String,
     in_calls: bool,
+    /// Per streamed call, how many bytes of its arguments were sent.
+    calls_sent: Vec<usize>,
     emitted_any: bool,
     pending: VecDeque<Event>,
     pending_lps: Vec<TokenLp>,
@@ -213,6 +231,10 @@ pub(crate) async fn start(state: &Arc<AppState>, spec: GenSpec) -> Result<GenStr
                 let stops = StopChecker::new(spec.stop.clone(), Vec::new());
                 let decoder = state.model.tokenizer.stream_decoder(spec.skip_special);
                 let json = spec.json.then(JsonChecker::new);
+                let tool_buf = match spec.tools {
+                    Some(fmt) if spec.tool_choice.forces() => fmt.prefill(spec.tool_choice.name()),
+                    _ => String::new(),
+                };
                 return Ok(GenStream {
                     state: Arc::clone(state),
                     stream: resp.into_inner(),
@@ -222,8 +244,9 @@ pub(crate) async fn start(state: &Arc<AppState>, spec: GenSpec) -> Result<GenStr
                     decoder,
                     stops,
                     json,
-                    tool_buf: String::new(),
-                    in_calls: false,
+                    in_calls: !tool_buf.is_empty(),
+                    tool_buf,
+                    calls_sent: Vec::new(),
                     emitted_any: false,
                     pending: VecDeque::new(),
                     pending_lps: Vec::new(),
@@ -428,7 +451,7 @@ impl GenStream {
             Some(fmt) => {
                 self.tool_buf.push_str(&text);
                 if self.in_calls {
-                    return true;
+                    return self.calls_progress(fmt);
                 }
                 let start = match fmt {
                     // A bare JSON call only counts at the very start of the reply.
@@ -440,7 +463,7 @@ impl GenStream {
                     let before = std::mem::replace(&mut self.tool_buf, rest);
                     self.in_calls = true;
                     self.emit(before);
-                    return true;
+                    return self.calls_progress(fmt);
                 }
                 let mut keep = fmt.partial_marker_len(&self.tool_buf);
                 if fmt == ToolFormat::Llama3 && !self.emitted_any && self.tool_buf.trim().is_empty()
@@ -456,15 +479,61 @@ impl GenStream {
         true
     }
 
-    fn emit(&mut self, text: String) {
-        if text.is_empty() {
-            return;
+    /// After calls grew: sends what is new of them (with `stream_calls`); ends a named
+    /// choice's generation once its call is closed. False once finished.
+    fn calls_progress(&mut self, fmt: ToolFormat) -> bool {
+        let named = matches!(self.spec.tool_choice, ToolChoice::Named(_));
+        if !self.spec.stream_calls && !named {
+            return true;
         }
+        let calls = fmt.scan(&self.tool_buf);
+        if self.spec.stream_calls {
+            self.send_calls(&calls);
+        }
+        if named && calls.first().is_some_and(|c| c.closed) {
+            self.finish(Finish::Stop, None);
+            return false;
+        }
+        true
+    }
+
+    /// Events for what is new of `calls` since the last time (calls go out in order, each once
+    /// it has a name).
+    fn send_calls(&mut self, calls: &[PartialCall]) {
+        for (index, c) in calls.iter().enumerate() {
+            let Some(name) = &c.name else { break };
+            let (name, arguments) = match self.calls_sent.get_mut(index) {
+                None => {
+                    self.calls_sent.push(c.arguments.len());
+                    (Some(name.clone()), c.arguments.clone())
+                }
+                Some(sent) => match c.arguments.get(*sent..) {
+                    Some(more) if !more.is_empty() => {
+                        *sent = c.arguments.len();
+                        (None, more.to_owned())
+                    }
+                    _ => continue,
+                },
+            };
+            self.first_output();
+            self.pending.push_back(Event::ToolCall { index, name, arguments });
+        }
+    }
+
+    /// Time to first token counts from the first text or call sent.
+    fn first_output(&mut self) {
         if self.first_token.is_none() {
             let now = Instant::now();
             self.first_token = Some(now);
             self.state.metrics.ttft.observe(now.duration_since(self.spec.arrived).as_secs_f64());
         }
+    }
+
+    fn emit(&mut self, text: String) {
+        if text.is_empty() {
+            return;
+        }
+        self.first_output();
         self.emitted_any = true;
         let logprobs = std::mem::take(&mut self.pending_lps);
         self.pending.push_back(Event::Delta { text, logprobs });
@@ -494,17 +563,61 @@ impl GenStream {
             }
         }
         let mut calls = Vec::new();
+        // A required call cut by the token budget keeps finish reason `length` and comes as
+        // far as it got (as the stream sent it).
+        let forced_cut = self.spec.tool_choice.forces() && finish == Finish::Length;
         if let Some(fmt) = self.spec.tools {
             let buf = std::mem::take(&mut self.tool_buf);
             if self.in_calls {
-                let (content, parsed) = fmt.parse(&buf);
-                self.emit(content);
-                calls = parsed;
+                let scanned = fmt.scan(&buf);
+                if self.spec.stream_calls && error.is_none() {
+                    self.send_calls(&scanned);
+                }
+                // A named choice's call ends where its object closes (generation stops there,
+                // maybe with more text in the last piece); other replies are parsed whole.
+                let named = match (&self.spec.tool_choice, scanned.first()) {
+                    (ToolChoice::Named(_), Some(c))
+                        if c.closed
+                            && serde_json::from_str::<serde_json::Value>(&c.arguments).is_ok() =>
+                    {
+                        c.name.clone().map(|name| ToolCall { name, arguments: c.arguments.clone() })
+                    }
+                    _ => None,
+                };
+                match named {
+                    Some(call) => calls.push(call),
+                    None if forced_cut && scanned.iter().any(|c| c.name.is_some()) => {
+                        calls = scanned
+                            .into_iter()
+                            .filter_map(|c| {
+                                c.name.map(|name| ToolCall { name, arguments: c.arguments })
+                            })
+                            .collect();
+                    }
+                    None => {
+                        let (content, parsed) = fmt.parse(&buf);
+                        self.emit(content);
+                        calls = parsed;
+                    }
+                }
             } else {
                 self.emit(buf);
             }
-            if !calls.is_empty() && error.is_none() {
+            if !calls.is_empty() && error.is_none() && !forced_cut {
                 finish = Finish::ToolCalls;
+            }
+            if calls.is_empty()
+                && error.is_none()
+                && finish != Finish::Length
+                && self.spec.tool_choice.forces()
+            {
+                finish = Finish::Error;
+                error = Some(ApiError::Generation(
+                    "`tool_choice` asks for a tool call, but the model's reply is not a valid \
+                     call. The gateway starts the reply with the call's opening but cannot \
+                     constrain sampling; retry, maybe with a lower temperature."
+                        .into(),
+                ));
             }
         }
         if !self.pending_lps.is_empty() {
@@ -539,6 +652,7 @@ pub(crate) async fn collect(mut s: GenStream) -> (String, Vec<TokenLp>, Outcome)
                 text.push_str(&t);
                 lps.extend(logprobs);
             }
+            Event::ToolCall { .. } => {}
             Event::Done(o) => return (text, lps, *o),
         }
     }

@@ -22,6 +22,7 @@ use crate::engine::{self, Event, Finish, Outcome};
 use crate::error::{ApiError, Flavor};
 use crate::model::parameter_size;
 use crate::server::{stream_response, ApiJson, AppState};
+use crate::tools::ToolChoice;
 
 type Res = Result<Response, Response>;
 
@@ -223,7 +224,7 @@ pub(crate) async fn chat(
     }
     let tools = body.tools.clone().filter(|t| !t.is_empty());
     let json = json_mode(&body.format).map_err(err)?;
-    let prompt = api::chat_prompt(&state, messages, tools.clone(), extra).map_err(err)?;
+    let prompt = api::chat_prompt(&state, messages, tools.clone(), extra, "").map_err(err)?;
     let job = Job {
         prompts: vec![prompt],
         sampling: sampling(&body.options).map_err(err)?,
@@ -235,6 +236,8 @@ pub(crate) async fn chat(
         logprobs: false,
         json,
         tools: if tools.is_some() && !json { state.model.tool_format } else { None },
+        tool_choice: ToolChoice::Auto,
+        stream_calls: false,
     };
     let mut streams = api::start_all(&state, &job, &headers, arrived).await.map_err(err)?;
     let Some(stream) = streams.pop() else {
@@ -265,6 +268,8 @@ pub(crate) async fn chat(
                 "model": model, "created_at": now_rfc3339(),
                 "message": {"role": "assistant", "content": text}, "done": false,
             })),
+            // Not asked for (`stream_calls: false`): calls come with the last object.
+            Event::ToolCall { .. } => Bytes::new(),
             Event::Done(o) => match &o.error {
                 Some(e) => ndjson(&e.body(Flavor::Ollama)),
                 None => {
@@ -324,7 +329,7 @@ pub(crate) async fn generate(
             if let Some(t) = body.think {
                 extra.insert("enable_thinking".into(), Value::Bool(t));
             }
-            api::chat_prompt(&state, messages, None, extra).map_err(err)?
+            api::chat_prompt(&state, messages, None, extra, "").map_err(err)?
         }
     };
     if let Some(ctx) = &body.context {
@@ -350,6 +355,8 @@ pub(crate) async fn generate(
         logprobs: false,
         json,
         tools: None,
+        tool_choice: ToolChoice::Auto,
+        stream_calls: false,
     };
     let mut streams = api::start_all(&state, &job, &headers, arrived).await.map_err(err)?;
     let Some(stream) = streams.pop() else {
@@ -377,6 +384,7 @@ pub(crate) async fn generate(
             Event::Delta { text, .. } => {
                 ndjson(&json!({"model": model, "created_at": now_rfc3339(), "response": text, "done": false}))
             }
+            Event::ToolCall { .. } => Bytes::new(),
             Event::Done(o) => match &o.error {
                 Some(e) => ndjson(&e.body(Flavor::Ollama)),
                 None => {

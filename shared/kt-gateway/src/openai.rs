@@ -17,7 +17,7 @@ use crate::api::{self, Job, Sampling};
 use crate::engine::{self, Event, Outcome, TokenLp};
 use crate::error::{ApiError, Flavor};
 use crate::server::{stream_response, ApiJson, AppState};
-use crate::tools::ToolCall;
+use crate::tools::{ToolCall, ToolChoice};
 
 type Res = Result<Response, Response>;
 
@@ -288,13 +288,18 @@ fn completion_logprobs(lps: &[TokenLp], offset0: usize) -> Value {
     })
 }
 
-fn tool_calls_json(calls: &[ToolCall], rid: &str) -> Vec<Value> {
+/// The id of choice `choice`'s `k`-th call.
+fn call_id(rid: &str, choice: usize, k: usize) -> String {
+    format!("call_{rid}{choice}_{k}")
+}
+
+fn tool_calls_json(calls: &[ToolCall], rid: &str, choice: usize) -> Vec<Value> {
     calls
         .iter()
         .enumerate()
         .map(|(k, c)| {
             json!({
-                "id": format!("call_{rid}_{k}"),
+                "id": call_id(rid, choice, k),
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments},
             })
@@ -314,6 +319,67 @@ fn sse_error(e: &ApiError) -> Bytes {
 /// The first error of the outcomes, as a response.
 fn first_error(outcomes: &[Outcome]) -> Option<ApiError> {
     outcomes.iter().find_map(|o| o.error.clone())
+}
+
+/// Validates `tools` and `tool_choice`: the tools in force (none with `tool_choice: "none"`)
+/// and what the reply must be. Errors name the field.
+fn tools_and_choice(
+    tools: &Option<Vec<Value>>,
+    choice: &Option<Value>,
+) -> Result<(Option<Vec<Value>>, ToolChoice), ApiError> {
+    let names: Vec<&str> = tools
+        .iter()
+        .flatten()
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+        .collect();
+    for (i, t) in tools.iter().flatten().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function")
+            || t.pointer("/function/name").and_then(Value::as_str).is_none()
+        {
+            return Err(ApiError::param(
+                format!("tools[{i}]"),
+                "Each tool needs `type: \"function\"` and `function.name`.",
+            ));
+        }
+    }
+    let bad = |m: String| Err(ApiError::param("tool_choice", m));
+    let choice = match choice {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => return Ok((None, ToolChoice::Auto)),
+            "required" => ToolChoice::Required,
+            other => {
+                return bad(format!("`tool_choice` `{other}` is not one of none, auto, required."))
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            match (o.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(name)) if names.contains(&name) => {
+                    ToolChoice::Named(name.to_owned())
+                }
+                (Some("function"), Some(name)) => {
+                    return bad(format!(
+                        "`tool_choice` names function `{name}`, which is not in `tools`."
+                    ))
+                }
+                _ => {
+                    return bad("`tool_choice` as an object must be {\"type\": \"function\", \"function\": {\"name\": ...}}.".into())
+                }
+            }
+        }
+        Some(_) => {
+            return bad(
+                "`tool_choice` must be none, auto, required or an object naming a function.".into(),
+            )
+        }
+    };
+    let tools = tools.clone().filter(|t| !t.is_empty());
+    if choice.forces() && tools.is_none() {
+        return bad("`tool_choice` that requires a tool call needs `tools`.".into());
+    }
+    Ok((tools, choice))
 }
 
 pub(crate) async fn chat_completions(
@@ -340,41 +406,30 @@ pub(crate) async fn chat_completions(
         return Err(err(ApiError::param("top_logprobs", "`top_logprobs` needs `logprobs: true`.")));
     }
     let json = json_mode(&body.response_format).map_err(err)?;
-    let tools_off = matches!(&body.tool_choice, Some(Value::String(s)) if s == "none");
-    match &body.tool_choice {
-        None | Some(Value::String(_)) | Some(Value::Object(_)) => {}
-        Some(_) => {
+    let (tools, tool_choice) = tools_and_choice(&body.tools, &body.tool_choice).map_err(err)?;
+    let tool_format = if tools.is_some() && !json { state.model.tool_format } else { None };
+    if tool_choice.forces() {
+        if json {
             return Err(err(ApiError::param(
                 "tool_choice",
-                "`tool_choice` must be a string or an object.",
-            )))
+                "`tool_choice` that requires a tool call cannot be combined with `response_format` `json_object`.",
+            )));
         }
-    }
-    if let Some(Value::String(s)) = &body.tool_choice {
-        if !matches!(s.as_str(), "none" | "auto" | "required") {
+        if tool_format.is_none() {
             return Err(err(ApiError::param(
                 "tool_choice",
-                format!("`tool_choice` `{s}` is not one of none, auto, required."),
+                "This model's chat template defines no tool-call format, so `tool_choice` cannot require a call; use `auto` or `none`.",
             )));
         }
     }
-    let tools = body.tools.clone().filter(|t| !t.is_empty() && !tools_off);
-    if let Some(ts) = &tools {
-        for (i, t) in ts.iter().enumerate() {
-            if t.get("type").and_then(Value::as_str) != Some("function")
-                || t.pointer("/function/name").and_then(Value::as_str).is_none()
-            {
-                return Err(err(ApiError::param(
-                    format!("tools[{i}]"),
-                    "Each tool needs `type: \"function\"` and `function.name`.",
-                )));
-            }
-        }
-    }
+    let prefill = match tool_format {
+        Some(f) if tool_choice.forces() => f.prefill(tool_choice.name()),
+        _ => String::new(),
+    };
     let messages = api::normalize_messages(&body.messages).map_err(err)?;
     let extra = body.chat_template_kwargs.clone().unwrap_or_default();
-    let prompt = api::chat_prompt(&state, messages, tools.clone(), extra).map_err(err)?;
-    let tool_format = if tools.is_some() && !json { state.model.tool_format } else { None };
+    let prompt = api::chat_prompt(&state, messages, tools, extra, &prefill).map_err(err)?;
+    let stream = c.stream.unwrap_or(false);
     let job = Job {
         prompts: vec![prompt],
         sampling,
@@ -386,6 +441,8 @@ pub(crate) async fn chat_completions(
         logprobs,
         json,
         tools: tool_format,
+        tool_choice,
+        stream_calls: stream,
     };
     if job.max_tokens == Some(0) {
         let name = if body.max_completion_tokens.is_some() {
@@ -403,7 +460,7 @@ pub(crate) async fn chat_completions(
     let id = format!("chatcmpl-{rid}");
     let created = unix_now();
     let model = state.model.name.clone();
-    if !c.stream.unwrap_or(false) {
+    if !stream {
         let results = futures::future::join_all(streams.into_iter().map(engine::collect)).await;
         let outcomes: Vec<Outcome> = results.iter().map(|r| r.2.clone()).collect();
         if let Some(e) = first_error(&outcomes) {
@@ -422,8 +479,7 @@ pub(crate) async fn chat_completions(
                     // Text before the calls, without the white space that separated them.
                     let text = text.trim();
                     message["content"] = json!(text);
-                    message["tool_calls"] =
-                        Value::Array(tool_calls_json(&o.tool_calls, &format!("{rid}{i}")));
+                    message["tool_calls"] = Value::Array(tool_calls_json(&o.tool_calls, &rid, i));
                     if text.is_empty() {
                         message["content"] = Value::Null;
                     }
@@ -461,12 +517,26 @@ pub(crate) async fn chat_completions(
     }
     let rid2 = rid.clone();
     let mut totals = [0usize; 3];
+    // Calls sent per choice as they streamed.
+    let mut calls_sent = vec![0usize; n_choices];
     let events = api::merge(streams).filter_map(move |(i, ev)| {
         let out = match ev {
             Event::Delta { text, logprobs: lps } => {
                 let lp = if logprobs { chat_logprobs(&lps) } else { Value::Null };
                 let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
                 Some(sse(&chunk(json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}]))))
+            }
+            Event::ToolCall { index, name, arguments } => {
+                // The first piece of a call names it; later pieces add to its arguments.
+                let call = match name {
+                    Some(name) => {
+                        calls_sent[i] = calls_sent[i].max(index + 1);
+                        json!({"index": index, "id": call_id(&rid2, i, index), "type": "function",
+                               "function": {"name": name, "arguments": arguments}})
+                    }
+                    None => json!({"index": index, "function": {"arguments": arguments}}),
+                };
+                Some(sse(&chunk(json!([{"index": i, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}]))))
             }
             Event::Done(o) => {
                 totals[0] = o.prompt_tokens;
@@ -476,10 +546,12 @@ pub(crate) async fn chat_completions(
                 if let Some(e) = &o.error {
                     bytes.extend_from_slice(&sse_error(e));
                 } else {
-                    if !o.tool_calls.is_empty() {
-                        let calls: Vec<Value> = tool_calls_json(&o.tool_calls, &format!("{rid2}{i}"))
+                    // Calls the stream did not carry already (normally none).
+                    if o.tool_calls.len() > calls_sent[i] {
+                        let calls: Vec<Value> = tool_calls_json(&o.tool_calls, &rid2, i)
                             .into_iter()
                             .enumerate()
+                            .skip(calls_sent[i])
                             .map(|(k, mut c)| {
                                 c["index"] = json!(k);
                                 c
@@ -588,6 +660,8 @@ pub(crate) async fn completions(
         logprobs,
         json,
         tools: None,
+        tool_choice: ToolChoice::Auto,
+        stream_calls: false,
     };
     let streams = api::start_all(&state, &job, &headers, arrived).await.map_err(err)?;
     let rid = streams.first().map(|s| s.request_id().to_owned()).unwrap_or_default();
@@ -647,6 +721,7 @@ pub(crate) async fn completions(
                 let lp = if logprobs { completion_logprobs(&lps, 0) } else { Value::Null };
                 Some(sse(&chunk(json!([{"text": text, "index": i, "logprobs": lp, "finish_reason": null}]))))
             }
+            Event::ToolCall { .. } => None,
             Event::Done(o) => {
                 if i % n == 0 {
                     totals[0] += o.prompt_tokens;

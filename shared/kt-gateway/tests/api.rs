@@ -222,11 +222,26 @@ async fn tool_calls_are_parsed_for_a_tool_template() {
         chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text.trim(), "Let me look.");
     assert!(!text.contains("<tool_call"), "{text}");
+    // The call streams: its first delta names it (with id and type), later ones add
+    // arguments; all before the finish reason.
     let calls: Vec<&Value> =
         chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
-    assert_eq!(calls.len(), 1);
+    assert!(calls.len() > 1, "{chunks:?}");
     assert_eq!(calls[0][0]["function"]["name"], "get_weather");
-    assert_eq!(calls[0][0]["index"], 0);
+    assert_eq!(calls[0][0]["type"], "function");
+    assert!(calls[0][0]["id"].as_str().unwrap().starts_with("call_"));
+    assert!(calls.iter().all(|c| c[0]["index"] == 0));
+    assert!(calls[1..]
+        .iter()
+        .all(|c| c[0]["function"].get("name").is_none() && c[0].get("id").is_none()));
+    let streamed: String =
+        calls.iter().map(|c| c[0]["function"]["arguments"].as_str().unwrap()).collect();
+    assert_eq!(streamed, call["function"]["arguments"].as_str().unwrap());
+    let last_call =
+        chunks.iter().rposition(|c| c["choices"][0]["delta"].get("tool_calls").is_some()).unwrap();
+    let finish =
+        chunks.iter().position(|c| c["choices"][0]["finish_reason"] == "tool_calls").unwrap();
+    assert!(last_call < finish);
     // The tool result goes back through the template (arguments given as a JSON string).
     let mut follow = body;
     follow["messages"] = json!([
@@ -239,6 +254,84 @@ async fn tool_calls_are_parsed_for_a_tool_template() {
     // Ollama's /api/chat gives the same call with arguments as an object.
     let o = post(s.gw.addr, "/api/chat", json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "weather?"}], "tools": tools, "options": {"num_predict": 100}})).await.json();
     assert_eq!(o["message"]["tool_calls"][0]["function"]["arguments"], json!({"city": "Paris"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_choice_required_and_named_start_the_reply_with_a_call() {
+    // (No tool is named after the `weather` script of the simulator.)
+    let s = setup_sim(GatewayConfig::default(), tools_card(), |c| c.max_context = 4096).await;
+    let tools = json!([
+        {"type": "function", "function": {"name": "find_city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
+    ]);
+    let ask = |content: &str, choice: Value| json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "tools": tools, "tool_choice": choice, "max_tokens": 200});
+    let named = json!({"type": "function", "function": {"name": "find_city"}});
+    // Named: the gateway writes the call's opening with the name; the model the arguments.
+    // Generation stops where the call's object closes.
+    let v = post(s.gw.addr, "/v1/chat/completions", ask("forcecity", named.clone())).await.json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(c["message"]["content"], Value::Null);
+    assert_eq!(c["message"]["tool_calls"][0]["function"]["name"], "find_city");
+    assert_eq!(c["message"]["tool_calls"][0]["function"]["arguments"], r#"{"city":"Paris"}"#);
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() < 25,
+        "stopped at the call's end: {v}"
+    );
+    // Streaming: the name comes in the first delta, before any token of the arguments.
+    let mut sbody = ask("forcecity", named);
+    sbody["stream"] = json!(true);
+    let events = Streamed::open(s.gw.addr, "/v1/chat/completions", sbody).await.sse_all().await;
+    let chunks: Vec<Value> = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let calls: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
+    assert_eq!(calls[0][0]["function"]["name"], "find_city");
+    let args: String =
+        calls.iter().map(|c| c[0]["function"]["arguments"].as_str().unwrap()).collect();
+    assert_eq!(args, r#"{"city":"Paris"}"#);
+    assert!(chunks.iter().all(|c| c["choices"][0]["delta"].get("content").is_none_or(|t| t == "")));
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "tool_calls"));
+    // Required: the gateway writes the call marker; the model picks the tool.
+    let v = post(s.gw.addr, "/v1/chat/completions", ask("anycall", json!("required"))).await.json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(c["message"]["tool_calls"][0]["function"]["name"], "get_time");
+    assert_eq!(c["message"]["tool_calls"][0]["function"]["arguments"], r#"{"zone":"CET"}"#);
+    // A reply that is no call although one is required: an error, not a silent text answer.
+    let r = post(s.gw.addr, "/v1/chat/completions", ask("nocall", json!("required"))).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("tool_choice"));
+    // Invalid values name `tool_choice`.
+    for (choice, with_tools) in [
+        (json!({"type": "function", "function": {"name": "nope"}}), true),
+        (json!({"type": "custom", "custom": {"name": "find_city"}}), true),
+        (json!({"type": "function"}), true),
+        (json!(7), true),
+        (json!("sometimes"), true),
+        (json!("required"), false),
+    ] {
+        let mut body = ask("x", choice.clone());
+        if !with_tools {
+            body.as_object_mut().unwrap().remove("tools");
+        }
+        let r = post(s.gw.addr, "/v1/chat/completions", body).await;
+        assert_eq!(r.status, 400, "{choice} -> {}", r.text());
+        assert_eq!(r.json()["error"]["param"], "tool_choice", "{choice}");
+    }
+    let mut body = ask("x", json!("required"));
+    body["response_format"] = json!({"type": "json_object"});
+    let r = post(s.gw.addr, "/v1/chat/completions", body).await;
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!("tool_choice")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_choice_required_needs_a_template_with_tool_calls() {
+    let s = setup().await;
+    let tools = json!([{"type": "function", "function": {"name": "f"}}]);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": tools, "tool_choice": "required"});
+    let r = post(s.gw.addr, "/v1/chat/completions", body).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "tool_choice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

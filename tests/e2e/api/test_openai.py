@@ -89,16 +89,94 @@ def test_completions_streaming_and_not(gateway):
     assert text == r.choices[0].text
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# For tool_choice: nothing here may mention the simulator's `weather` script, which would
+# answer instead.
+FORCE_TOOLS = [
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "find_city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+]
+NAMED = {"type": "function", "function": {"name": "find_city"}}
+
+
+def streamed_calls(stream):
+    """Tool calls put together from `delta.tool_calls` the way OpenAI's clients do, the finish
+    reason, and whether a call's name came before its last argument piece."""
+    calls, finish, named_first = {}, None, True
+    for chunk in stream:
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                if d.index not in calls:
+                    named_first &= bool(d.id and d.function.name)
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+                calls[d.index]["arguments"] += d.function.arguments or ""
+    return [calls[k] for k in sorted(calls)], finish, named_first
+
+
 def test_tool_call(tool_gateway, simulated):
     c = client(tool_gateway)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-    r = chat(c, "What is the weather in Paris?", tools=tools, max_tokens=100)
+    r = chat(c, "What is the weather in Paris?", tools=TOOLS, max_tokens=100)
     ch = r.choices[0]
     assert ch.finish_reason == "tool_calls"
     call = ch.message.tool_calls[0]
     assert call.function.name == "get_weather"
     assert call.function.arguments == '{"city":"Paris"}'
+    # Streaming: the call comes as `delta.tool_calls` pieces (name first, then arguments).
+    calls, finish, named_first = streamed_calls(chat(c, "What is the weather in Paris?", tools=TOOLS, max_tokens=100, stream=True))
+    assert finish == "tool_calls" and named_first
+    assert [(k["name"], k["arguments"]) for k in calls] == [("get_weather", '{"city":"Paris"}')]
+
+
+def test_tool_choice_required_and_named(tool_gateway, simulated):
+    c = client(tool_gateway)
+    r = chat(c, "forcecity", tools=FORCE_TOOLS, tool_choice=NAMED, max_tokens=200)
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert r.choices[0].message.content is None
+    call = r.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == ("find_city", '{"city":"Paris"}')
+    calls, finish, _ = streamed_calls(chat(c, "forcecity", tools=FORCE_TOOLS, tool_choice=NAMED, max_tokens=200, stream=True))
+    assert finish == "tool_calls"
+    assert [(k["name"], k["arguments"]) for k in calls] == [("find_city", '{"city":"Paris"}')]
+    r = chat(c, "anycall", tools=FORCE_TOOLS, tool_choice="required", max_tokens=200)
+    assert r.choices[0].message.tool_calls[0].function.name == "get_time"
+    # No call although one is required: an error, not a text answer.
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(c, "nocall", tools=FORCE_TOOLS, tool_choice="required", max_tokens=200)
+    assert "tool_choice" in e.value.body["message"]
+
+
+def test_tool_choice_named_cut_by_budget(tool_gateway):
+    # Whatever the model writes: the reply starts as a call of the named function, streamed
+    # with its name first; one token cannot finish it, so it ends with finish reason `length`.
+    c = client(tool_gateway)
+    try:
+        r = chat(c, "Call it", tools=FORCE_TOOLS, tool_choice=NAMED, max_tokens=1, temperature=0)
+    except openai.BadRequestError as e:
+        if e.body.get("code") == "context_length_exceeded":
+            pytest.skip(f"the served model's context cannot hold the tool template's prompt: {e.body['message']}")
+        raise
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.tool_calls[0].function.name == "find_city"
+    calls, finish, named_first = streamed_calls(chat(c, "Call it", tools=FORCE_TOOLS, tool_choice=NAMED, max_tokens=1, temperature=0, stream=True))
+    assert finish == "length" and named_first
+    assert calls[0]["name"] == "find_city"
+    assert calls[0]["arguments"] == r.choices[0].message.tool_calls[0].function.arguments
+
+
+def test_tool_choice_errors(tool_gateway, gateway):
+    for choice in [{"type": "function", "function": {"name": "nope"}}, {"type": "custom", "custom": {"name": "get_weather"}}, "sometimes"]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client(tool_gateway), "x", tools=FORCE_TOOLS, tool_choice=choice, max_tokens=2)
+        assert e.value.body["param"] == "tool_choice", choice
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client(tool_gateway), "x", tool_choice="required", max_tokens=2)
+    assert e.value.body["param"] == "tool_choice"
+    # The fixture model's own template defines no tool calls: a call cannot be required.
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client(gateway), "x", tools=FORCE_TOOLS, tool_choice="required", max_tokens=2)
+    assert e.value.body["param"] == "tool_choice"
 
 
 def test_json_mode(gateway, simulated):

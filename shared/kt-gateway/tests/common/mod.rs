@@ -80,6 +80,11 @@ pub fn sim_config(card: &ModelCard) -> SimConfig {
         SimReply::text(card, "weather", "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
         SimReply::text(card, "jsonplease", "  {\"a\": [1, 2], \"b\": \"x\"} trailing words"),
         SimReply::text(card, "badjson", "this is not json"),
+        // Continuations of a required call's opening (tool_choice): a named one's arguments,
+        // a whole call, and no call at all.
+        SimReply::text(card, "forcecity", " {\"city\": \"Paris\"}}\n</tool_call> and more"),
+        SimReply::text(card, "anycall", "{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}\n</tool_call>"),
+        SimReply::text(card, "nocall", "I would rather not."),
     ]
     .concat();
     cfg
