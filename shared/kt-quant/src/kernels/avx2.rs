@@ -20,7 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use half::bf16;
+use half::{bf16, f16};
 
 use super::{scalar_tables as st, Kernels};
 use crate::blocks::{k4_scales_mins, KVALUES_IQ4NL};
@@ -94,12 +94,9 @@ entry!(vec_dot_q6_k => q6_k_q8_k(w: &[u8], a: &[u8]) -> f32);
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// The f16 at `b[at..at + 2]` as f32 (exact; `VCVTPH2PS`).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
-    let h = u16::from_le_bytes([b[at], b[at + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 #[inline(always)]
