@@ -5,6 +5,8 @@
 //!   the fixture plans say) equals single-process generation for every MoE fixture;
 //! * an expert server killed mid-generation ends the affected request with
 //!   FINISH_REASON_ERROR; the worker keeps running and serves again once the server is back;
+//! * with the shipped replica plan, an expert server killed mid-generation is replaced by its
+//!   replica: the request ends as in one process, and `Health` follows the servers;
 //! * malformed flags fail with a clear message.
 //!
 //! The `kt-expert` binary is expected next to `kt-worker` (any `cargo test --workspace` or
@@ -18,10 +20,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kt_models::{generate, GenerateParams, MatmulMode};
+use kt_proto::v1::health_response::Status as Serving;
 use kt_proto::v1::worker_client::WorkerClient;
 use kt_proto::v1::{
-    generate_event, FinishReason as Wire, FinishedEvent, GenerateRequest, TokenEvent,
-    WorkerInfoRequest,
+    generate_event, FinishReason as Wire, FinishedEvent, GenerateRequest, HealthRequest,
+    HealthResponse, TokenEvent, WorkerInfoRequest,
 };
 use kt_sample::{Sampler, SamplingParams};
 use tonic::transport::Channel;
@@ -347,6 +350,96 @@ async fn an_expert_server_killed_mid_generation_fails_its_requests_and_comes_bac
         assert!(tokio::time::Instant::now() < deadline, "never served again: {}", fin.message);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+async fn health(c: &mut WorkerClient<Channel>) -> HealthResponse {
+    c.health(HealthRequest {}).await.unwrap().into_inner()
+}
+
+async fn wait_health(
+    c: &mut WorkerClient<Channel>,
+    what: &str,
+    ok: impl Fn(&HealthResponse) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = health(c).await;
+        if ok(&h) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}: {h:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The shipped fixture plan gives each of numa0 and numa1 the other as a replica: with numa1
+/// killed mid-generation the request goes on on numa0 and ends as it would in one process;
+/// Health says who stands in, then not serving once numa0 is gone too, then serving again once
+/// numa1 is back — no worker restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_server_killed_mid_generation_fails_over_to_its_replica() {
+    let model = "qwen3moe";
+    let path = fixture(model).join("hf");
+    let plan = root().join("rules/fixtures/qwen3moe.yaml");
+    let (a, b, w) = cluster(model, Some(&plan));
+    let b_addr = b.addr.clone();
+    let mut b = Some(b);
+    let mut c = client(&w.addr).await;
+    assert_eq!(health(&mut c).await.status, Serving::Serving as i32);
+    let p = prompt(model);
+    let want = local(&path, &p, 48);
+
+    let mut stream = c.generate(request("f", p.clone(), 48)).await.unwrap().into_inner();
+    let mut tokens = Vec::new();
+    let fin = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(ev) = stream.message().await.unwrap() {
+            match ev.event.unwrap() {
+                generate_event::Event::Token(t) => {
+                    tokens.push(t);
+                    if tokens.len() == 2 {
+                        drop(b.take()); // SIGKILL mid-generation
+                    }
+                }
+                generate_event::Event::Finished(f) => return f,
+            }
+        }
+        panic!("no finished event");
+    })
+    .await
+    .expect("the request hung after its expert server was killed");
+    assert!(b.is_none());
+    assert_eq!(fin.reason, Wire::Length as i32, "{}", fin.message);
+    check_equal("through the kill", &tokens, &want);
+
+    // numa1 is gone: new requests are served by numa0 alone, and Health says so.
+    let (tokens, fin) = run(&mut c, request("after", p.clone(), 48)).await;
+    assert_eq!(fin.reason, Wire::Length as i32, "{}", fin.message);
+    check_equal("with numa1 down", &tokens, &want);
+    wait_health(&mut c, "numa1 seen down", |h| h.message.contains("`numa1`")).await;
+    let h = health(&mut c).await;
+    assert_eq!(h.status, Serving::Serving as i32, "{h:?}");
+    assert!(h.message.contains("replica `numa0`"), "{h:?}");
+
+    // numa0 too: nobody holds either share.
+    drop(a);
+    wait_health(&mut c, "not serving", |h| h.status == Serving::NotServing as i32).await;
+    let h = health(&mut c).await;
+    assert!(h.message.contains("`numa0`") && h.message.contains(&b_addr), "{h:?}");
+    eprintln!("both expert servers down: {}", h.message);
+
+    // numa1 back on its address: it holds both shares (it is numa0's replica), so the
+    // worker serves again, without a restart.
+    let mut cmd = Command::new(expert_bin());
+    cmd.env("KT_EXPERT_MODEL", &path)
+        .env("KT_EXPERT_LISTEN", &b_addr)
+        .env("KT_EXPERT_PLAN", &plan)
+        .env("KT_EXPERT_NAME", "numa1")
+        .env("KT_EXPERT_THREADS", "1");
+    let _b = start(cmd);
+    wait_health(&mut c, "serving again", |h| h.status == Serving::Serving as i32).await;
+    let (tokens, fin) = run(&mut c, request("back", p.clone(), 48)).await;
+    assert_eq!(fin.reason, Wire::Length as i32, "{}", fin.message);
+    check_equal("on numa1 alone", &tokens, &want);
 }
 
 #[test]

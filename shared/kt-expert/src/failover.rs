@@ -206,7 +206,7 @@ impl FailoverExperts {
             tracing::warn!(
                 server = %self.primary.name,
                 addr = %self.primary.addr,
-                %err,
+                err = %text(err),
                 replicas = ?to,
                 "expert server failed; its calls go to a replica until it is back"
             );
@@ -263,7 +263,7 @@ impl Experts for FailoverExperts {
                     tracing::warn!(
                         replica = %r.name,
                         primary = %self.primary.name,
-                        %e,
+                        err = %text(&e),
                         "replica failed too"
                     );
                     failures.push((r, e));
