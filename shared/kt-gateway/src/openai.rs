@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -311,6 +312,80 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// The SSE events of one streamed response. The fields every chunk repeats (id, object,
+/// created, model, fingerprint) are rendered once; the per-token events are written straight
+/// into one buffer (no JSON tree, one allocation).
+struct Frames {
+    /// `data: {"id":..,"object":..,"created":..,"model":..,"system_fingerprint":..,"choices":`
+    head: String,
+    /// `}` or `,"usage":null}` (with `stream_options.include_usage`), then the blank line.
+    tail: &'static str,
+}
+
+impl Frames {
+    fn new(id: &str, object: &str, created: u64, model: &str, include_usage: bool) -> Self {
+        let fixed = json!({"id": id, "object": object, "created": created, "model": model,
+                           "system_fingerprint": fingerprint()})
+        .to_string();
+        // The object without its closing brace, then the key of the varying part.
+        let head = format!("data: {},\"choices\":", &fixed[..fixed.len() - 1]);
+        Frames { head, tail: if include_usage { ",\"usage\":null}\n\n" } else { "}\n\n" } }
+    }
+
+    fn write(&self, extra: usize, body: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        let mut b = Vec::with_capacity(self.head.len() + extra + self.tail.len() + 64);
+        b.extend_from_slice(self.head.as_bytes());
+        body(&mut b);
+        Bytes::from(b)
+    }
+
+    /// An event with these choices (a JSON array).
+    fn event(&self, choices: &Value) -> Bytes {
+        self.write(128, |b| {
+            let _ = serde_json::to_writer(&mut *b, choices);
+            b.extend_from_slice(self.tail.as_bytes());
+        })
+    }
+
+    /// The common event: choice `index` gets `text` (chat: as `delta.content`; completions:
+    /// as `text`), no logprobs, no finish reason.
+    fn text(&self, index: usize, text: &str, chat: bool) -> Bytes {
+        self.write(text.len() + 80, |b| {
+            let _ = if chat {
+                write!(b, "[{{\"index\":{index},\"delta\":")
+            } else {
+                b.extend_from_slice(b"[{\"text\":");
+                Ok(())
+            };
+            if chat && text.is_empty() {
+                b.extend_from_slice(b"{}");
+            } else {
+                if chat {
+                    b.extend_from_slice(b"{\"content\":");
+                }
+                let _ = serde_json::to_writer(&mut *b, text);
+                if chat {
+                    b.push(b'}');
+                }
+            }
+            if !chat {
+                let _ = write!(b, ",\"index\":{index}");
+            }
+            b.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}]");
+            b.extend_from_slice(self.tail.as_bytes());
+        })
+    }
+
+    /// The usage event after the last choice's end (`choices` empty).
+    fn usage(&self, usage: &Value) -> Bytes {
+        self.write(96, |b| {
+            b.extend_from_slice(b"[],\"usage\":");
+            let _ = serde_json::to_writer(&mut *b, usage);
+            b.extend_from_slice(b"}\n\n");
+        })
+    }
+}
+
 /// A mid-stream error as an SSE event (the status was sent already).
 fn sse_error(e: &ApiError) -> Bytes {
     sse(&e.body(Flavor::OpenAi))
@@ -501,19 +576,10 @@ pub(crate) async fn chat_completions(
     }
     let include_usage = c.include_usage;
     let n_choices = streams.len();
-    let chunk = move |choices: Value| {
-        let mut v = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": fingerprint(), "choices": choices,
-        });
-        if include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    };
+    let frames = Frames::new(&id, "chat.completion.chunk", created, &model, include_usage);
     let mut head = Vec::with_capacity(n_choices);
     for i in 0..n_choices {
-        head.push(Ok::<_, Infallible>(sse(&chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])))));
+        head.push(Ok::<_, Infallible>(frames.event(&json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]))));
     }
     let rid2 = rid.clone();
     let mut totals = [0usize; 3];
@@ -521,10 +587,10 @@ pub(crate) async fn chat_completions(
     let mut calls_sent = vec![0usize; n_choices];
     let events = api::merge(streams).filter_map(move |(i, ev)| {
         let out = match ev {
+            Event::Delta { text, .. } if !logprobs => Some(frames.text(i, &text, true)),
             Event::Delta { text, logprobs: lps } => {
-                let lp = if logprobs { chat_logprobs(&lps) } else { Value::Null };
                 let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
-                Some(sse(&chunk(json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}]))))
+                Some(frames.event(&json!([{"index": i, "delta": delta, "logprobs": chat_logprobs(&lps), "finish_reason": null}])))
             }
             Event::ToolCall { index, name, arguments } => {
                 // The first piece of a call names it; later pieces add to its arguments.
@@ -536,7 +602,7 @@ pub(crate) async fn chat_completions(
                     }
                     None => json!({"index": index, "function": {"arguments": arguments}}),
                 };
-                Some(sse(&chunk(json!([{"index": i, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}]))))
+                Some(frames.event(&json!([{"index": i, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}])))
             }
             Event::Done(o) => {
                 totals[0] = o.prompt_tokens;
@@ -557,15 +623,13 @@ pub(crate) async fn chat_completions(
                                 c
                             })
                             .collect();
-                        bytes.extend_from_slice(&sse(&chunk(json!([{"index": i, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null}]))));
+                        bytes.extend_from_slice(&frames.event(&json!([{"index": i, "delta": {"tool_calls": calls}, "logprobs": null, "finish_reason": null}])));
                     }
-                    bytes.extend_from_slice(&sse(&chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": o.finish.openai()}]))));
+                    bytes.extend_from_slice(&frames.event(&json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": o.finish.openai()}])));
                 }
                 if totals[2] == n_choices {
                     if include_usage {
-                        let mut u = chunk(json!([]));
-                        u["usage"] = usage(totals[0], totals[1]);
-                        bytes.extend_from_slice(&sse(&u));
+                        bytes.extend_from_slice(&frames.usage(&usage(totals[0], totals[1])));
                     }
                     bytes.extend_from_slice(b"data: [DONE]\n\n");
                 }
@@ -701,25 +765,19 @@ pub(crate) async fn completions(
     }
     let include_usage = c.include_usage;
     let n_choices = streams.len();
-    let chunk = move |choices: Value| {
-        let mut v = json!({"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": fingerprint(), "choices": choices});
-        if include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    };
+    let frames = Frames::new(&id, "text_completion", created, &model, include_usage);
     let mut head = Vec::new();
     if echo {
         for i in 0..n_choices {
-            head.push(Ok::<_, Infallible>(sse(&chunk(json!([{"text": prompt_text(i), "index": i, "logprobs": null, "finish_reason": null}])))));
+            head.push(Ok::<_, Infallible>(frames.text(i, &prompt_text(i), false)));
         }
     }
     let mut totals = [0usize; 3];
     let events = api::merge(streams).filter_map(move |(i, ev)| {
         let out = match ev {
+            Event::Delta { text, .. } if !logprobs => Some(frames.text(i, &text, false)),
             Event::Delta { text, logprobs: lps } => {
-                let lp = if logprobs { completion_logprobs(&lps, 0) } else { Value::Null };
-                Some(sse(&chunk(json!([{"text": text, "index": i, "logprobs": lp, "finish_reason": null}]))))
+                Some(frames.event(&json!([{"text": text, "index": i, "logprobs": completion_logprobs(&lps, 0), "finish_reason": null}])))
             }
             Event::ToolCall { .. } => None,
             Event::Done(o) => {
@@ -731,13 +789,11 @@ pub(crate) async fn completions(
                 let mut bytes = Vec::new();
                 match &o.error {
                     Some(e) => bytes.extend_from_slice(&sse_error(e)),
-                    None => bytes.extend_from_slice(&sse(&chunk(json!([{"text": "", "index": i, "logprobs": null, "finish_reason": o.finish.openai()}])))),
+                    None => bytes.extend_from_slice(&frames.event(&json!([{"text": "", "index": i, "logprobs": null, "finish_reason": o.finish.openai()}]))),
                 }
                 if totals[2] == n_choices {
                     if include_usage {
-                        let mut u = chunk(json!([]));
-                        u["usage"] = usage(totals[0], totals[1]);
-                        bytes.extend_from_slice(&sse(&u));
+                        bytes.extend_from_slice(&frames.usage(&usage(totals[0], totals[1])));
                     }
                     bytes.extend_from_slice(b"data: [DONE]\n\n");
                 }
@@ -766,5 +822,58 @@ pub(crate) async fn get_model(
         axum::Json(model_object(&state)).into_response()
     } else {
         err(ApiError::ModelNotFound(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the events were before [`Frames`]: a JSON tree per event, rendered whole.
+    fn tree(choices: Value, include_usage: bool, object: &str) -> Bytes {
+        let mut v = json!({"id": "x-1", "object": object, "created": 7, "model": "m\"q",
+                           "system_fingerprint": fingerprint(), "choices": choices});
+        if include_usage {
+            v["usage"] = Value::Null;
+        }
+        sse(&v)
+    }
+
+    #[test]
+    fn frames_write_the_same_bytes_as_the_json_tree() {
+        for include_usage in [false, true] {
+            for object in ["chat.completion.chunk", "text_completion"] {
+                let f = Frames::new("x-1", object, 7, "m\"q", include_usage);
+                for text in ["", "plain", "quote \" back\\slash \n tab\t ctl\u{1} é 🦀"] {
+                    assert_eq!(
+                        f.text(3, text, true),
+                        tree(
+                            if text.is_empty() {
+                                json!([{"index": 3, "delta": {}, "logprobs": null, "finish_reason": null}])
+                            } else {
+                                json!([{"index": 3, "delta": {"content": text}, "logprobs": null, "finish_reason": null}])
+                            },
+                            include_usage,
+                            object
+                        )
+                    );
+                    assert_eq!(
+                        f.text(2, text, false),
+                        tree(
+                            json!([{"text": text, "index": 2, "logprobs": null, "finish_reason": null}]),
+                            include_usage,
+                            object
+                        )
+                    );
+                }
+                let choices = json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]);
+                assert_eq!(f.event(&choices), tree(choices, include_usage, object));
+                let u = usage(3, 4);
+                let mut want = json!({"id": "x-1", "object": object, "created": 7, "model": "m\"q",
+                                      "system_fingerprint": fingerprint(), "choices": []});
+                want["usage"] = u.clone();
+                assert_eq!(f.usage(&u), sse(&want));
+            }
+        }
     }
 }
