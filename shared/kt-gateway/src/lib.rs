@@ -46,6 +46,16 @@
 //! # What JSON mode guarantees
 //! See [`jsoncheck`]: the output is checked as it streams and cut at the end of the first
 //! JSON object; the gateway cannot constrain the worker's sampling.
+//!
+//! # Tool calls and `tool_choice`
+//! For chat templates that define tool calling ([`tools`] names the formats), calls are parsed
+//! from the model's text and, when streaming, sent as `delta.tool_calls` pieces as soon as a
+//! call's name is complete (then its arguments as they grow). `tool_choice: "required"` starts
+//! the assistant's turn with the format's call marker, a named function also with the call's
+//! name, so the model writes a call (for a named one only its arguments; generation stops where
+//! the call's object closes). Sampling is not constrained: a reply that still is no valid call
+//! is an error (500, naming `tool_choice`); one cut by `max_tokens` comes back as the partial
+//! call with finish reason `length`.
 
 mod admission;
 mod api;
