@@ -15,9 +15,10 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use kt_models::{Experts, ModelError, Routing};
 use kt_proto::shm::{self, Backoff, HostId, Layout, Ring, ShmError};
@@ -30,7 +31,7 @@ use kt_proto::{
     decode_tensor_f32, encode_request, hash_hex, WireDType, CONFIG_HASH_HEADER, SHM_RING_HEADER,
     SHM_STATUS_HEADER,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
@@ -187,7 +188,7 @@ impl Default for RemoteOptions {
     }
 }
 
-type Reply = std_mpsc::SyncSender<Result<Vec<f32>, String>>;
+type Reply = oneshot::Sender<Result<Vec<f32>, String>>;
 
 /// A ring attached to a link.
 struct ShmLink {
@@ -237,7 +238,8 @@ impl ShmLink {
 
 /// One connection: the stream's sender, maybe a ring, and whether it died.
 struct Link {
-    tx: mpsc::UnboundedSender<ExpertRequest>,
+    /// The stream's sender; taken (ending the stream) when the client is dropped.
+    tx: Mutex<Option<mpsc::UnboundedSender<ExpertRequest>>>,
     shm: Option<ShmLink>,
     dead: AtomicBool,
 }
@@ -261,6 +263,17 @@ struct Core {
     opts: RemoteOptions,
     expect: Mutex<Option<Holding>>,
     state: Mutex<State>,
+    /// Calls driving (or waiting to drive) the runtime now.
+    callers: AtomicUsize,
+    /// When the last call began, in µs since `epoch`.
+    last_call_us: AtomicU64,
+    epoch: Instant,
+    /// Tells the idle driver to hand the runtime back to a call.
+    release: Notify,
+    /// Set when the client is dropped: the idle driver stops, no reconnects start.
+    stopping: AtomicBool,
+    /// Notified when a stream's dispatcher ends.
+    stream_ended: Notify,
 }
 
 impl Core {
@@ -280,7 +293,37 @@ pub struct RemoteExperts {
     info: ExpertInfo,
     hidden: usize,
     next_id: AtomicU64,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+    idle_driver: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The client's connection work (HTTP/2, the stream's dispatcher, reconnects) runs on a
+/// single-threaded runtime that each call drives itself while it waits for its answer: the
+/// request is written and the answer read on the caller's thread, with no hand-off to a
+/// runtime thread and back (each such wake-up costs several µs, more in a VM). Between calls
+/// the idle driver thread drives it, so that keep-alives, a closed stream and reconnects are
+/// handled while no call is made; it takes the runtime only after [`IDLE_AFTER`] without
+/// calls and gives it back as soon as a call comes.
+const IDLE_AFTER: Duration = Duration::from_millis(5);
+/// Longest stretch the idle driver holds the runtime before it looks again.
+const IDLE_SLICE: Duration = Duration::from_millis(50);
+
+fn idle_driver(rt: Arc<tokio::runtime::Runtime>, core: Arc<Core>) {
+    while !core.stopping.load(Ordering::Acquire) {
+        let since = core.epoch.elapsed().as_micros() as u64;
+        let idle =
+            Duration::from_micros(since.saturating_sub(core.last_call_us.load(Ordering::Relaxed)));
+        if core.callers.load(Ordering::Acquire) == 0 && idle >= IDLE_AFTER {
+            rt.block_on(async {
+                tokio::select! {
+                    () = tokio::time::sleep(IDLE_SLICE) => {}
+                    () = core.release.notified() => {}
+                }
+            });
+        } else {
+            std::thread::sleep(IDLE_AFTER);
+        }
+    }
 }
 
 impl std::fmt::Debug for RemoteExperts {
@@ -298,17 +341,24 @@ impl RemoteExperts {
         ours: &ModelIdentity,
         opts: RemoteOptions,
     ) -> Result<Self, ExpertError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kt-remote-experts")
-            .enable_all()
-            .build()?;
+        let runtime = Arc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .thread_name("kt-remote-experts")
+                .enable_all()
+                .build()?,
+        );
         let core = Arc::new(Core {
             addr: addr.to_string(),
             ours: ours.clone(),
             expect: Mutex::new(opts.expect.clone()),
             opts,
             state: Mutex::new(State::default()),
+            callers: AtomicUsize::new(0),
+            last_call_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+            release: Notify::new(),
+            stopping: AtomicBool::new(false),
+            stream_ended: Notify::new(),
         });
         let info = runtime.block_on(establish(core.clone()))?;
         tracing::info!(
@@ -317,12 +367,17 @@ impl RemoteExperts {
             transport = ?core.lock().link.as_ref().map(|l| kind_of(l)),
             "connected to expert server"
         );
+        let driver = std::thread::Builder::new().name("kt-remote-idle".into()).spawn({
+            let (rt, core) = (runtime.clone(), core.clone());
+            move || idle_driver(rt, core)
+        })?;
         Ok(Self {
             core,
             info,
             hidden: ours.hidden as usize,
             next_id: AtomicU64::new(0),
             runtime: Some(runtime),
+            idle_driver: Some(driver),
         })
     }
 
@@ -452,26 +507,69 @@ impl RemoteExperts {
     }
 }
 
-/// Waits for a gRPC answer: polls for `spin` first, yielding between looks (an answer that
-/// comes soon is taken without the caller being put to sleep and woken again), then blocks
-/// until `timeout`.
-fn wait_reply<T>(
-    answer: &std_mpsc::Receiver<T>,
-    timeout: Duration,
-    spin: Duration,
-) -> Result<T, std_mpsc::RecvTimeoutError> {
-    let start = std::time::Instant::now();
-    let spin = spin.min(timeout);
-    while start.elapsed() < spin {
-        match answer.try_recv() {
-            Ok(v) => return Ok(v),
-            Err(std_mpsc::TryRecvError::Disconnected) => {
-                return Err(std_mpsc::RecvTimeoutError::Disconnected)
-            }
-            Err(std_mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-        }
+/// A call that drives the runtime: the idle driver stays away (and hands the runtime back
+/// if it holds it) while one is counted.
+struct Driving<'a>(&'a Core);
+
+impl<'a> Driving<'a> {
+    fn begin(core: &'a Core) -> Self {
+        core.callers.fetch_add(1, Ordering::AcqRel);
+        core.last_call_us.store(core.epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        core.release.notify_one();
+        Driving(core)
     }
-    answer.recv_timeout(timeout.saturating_sub(start.elapsed()))
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.0.callers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why no answer came.
+enum NoAnswer {
+    Timeout,
+    Disconnected,
+}
+
+impl RemoteExperts {
+    /// Waits for a gRPC answer, driving the client's runtime on this thread (see
+    /// [`IDLE_AFTER`]): for `reply_poll` it yields between looks (the runtime polls the socket
+    /// without sleeping each time), then it sleeps until the answer, the stream's end or the
+    /// timeout.
+    fn wait_answer(
+        &self,
+        mut answer: oneshot::Receiver<Result<Vec<f32>, String>>,
+    ) -> Result<Result<Vec<f32>, String>, NoAnswer> {
+        let core = &self.core;
+        let Some(rt) = self.runtime.as_ref() else { return Err(NoAnswer::Disconnected) };
+        let (timeout, poll) = (core.opts.timeout, core.opts.reply_poll.min(core.opts.timeout));
+        let wait = async move {
+            let start = Instant::now();
+            while start.elapsed() < poll {
+                match answer.try_recv() {
+                    Ok(v) => return Ok(v),
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        return Err(NoAnswer::Disconnected)
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
+                }
+            }
+            match tokio::time::timeout(timeout.saturating_sub(start.elapsed()), answer).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(_)) => Err(NoAnswer::Disconnected),
+                Err(_) => Err(NoAnswer::Timeout),
+            }
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Called from inside some async runtime, where `block_on` is not allowed: wait
+            // on a thread of its own (slower, and only seen in tests).
+            return std::thread::scope(|s| {
+                s.spawn(|| rt.block_on(wait)).join().unwrap_or(Err(NoAnswer::Disconnected))
+            });
+        }
+        rt.block_on(wait)
+    }
 }
 
 fn kind_of(link: &Link) -> LinkKind {
@@ -514,7 +612,7 @@ impl Experts for RemoteExperts {
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, answer) = std_mpsc::sync_channel(1);
+        let (reply, answer) = oneshot::channel();
         {
             let mut st = core.lock();
             if link.dead.load(Ordering::Acquire) {
@@ -527,34 +625,56 @@ impl Experts for RemoteExperts {
         let forget = || {
             core.lock().pending.remove(&id);
         };
-        if link.tx.send(req).is_err() {
+        let _driving = Driving::begin(core);
+        let sent =
+            link.tx.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|tx| tx.send(req));
+        if !matches!(sent, Some(Ok(()))) {
             forget();
             return Err(core.gone("the stream is closed"));
         }
-        match wait_reply(&answer, core.opts.timeout, core.opts.reply_poll) {
+        match self.wait_answer(answer) {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(reason)) => {
                 Err(ModelError::Experts(format!("expert server {}: {reason}", core.addr)))
             }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+            Err(NoAnswer::Timeout) => {
                 forget();
                 Err(ModelError::Experts(format!(
                     "expert server {} did not answer layer {layer} within {:?}",
                     core.addr, core.opts.timeout
                 )))
             }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(core.gone("the stream ended")),
+            Err(NoAnswer::Disconnected) => Err(core.gone("the stream ended")),
         }
     }
 }
 
 impl Drop for RemoteExperts {
+    /// Ends the stream cleanly (the server sees the client finish, not a broken connection),
+    /// waiting for that at most [`CLOSE_WAIT`], then stops the runtime.
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
+        let core = &self.core;
+        core.stopping.store(true, Ordering::Release);
+        core.release.notify_one();
+        if let Some(t) = self.idle_driver.take() {
+            let _ = t.join();
+        }
+        let link = core.lock().link.take();
+        let open = link.and_then(|l| l.tx.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(rt) = self.runtime.take().and_then(|rt| Arc::try_unwrap(rt).ok()) {
+            if open.is_some() && tokio::runtime::Handle::try_current().is_err() {
+                drop(open);
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, core.stream_ended.notified()).await;
+                });
+            }
             rt.shutdown_background();
         }
     }
 }
+
+/// How long dropping a client waits for its stream to close.
+const CLOSE_WAIT: Duration = Duration::from_millis(200);
 
 /// Connects (or reconnects) `core`: channel, `Info` and its checks, a ring when allowed and
 /// proved, the stream and its dispatcher. Installs the new link; returns the `Info`.
@@ -677,7 +797,7 @@ async fn establish_link(core: Arc<Core>) -> Result<ExpertInfo, ExpertError> {
         }
     };
     let inbound = response.into_inner();
-    let link = Arc::new(Link { tx, shm, dead: AtomicBool::new(false) });
+    let link = Arc::new(Link { tx: Mutex::new(Some(tx)), shm, dead: AtomicBool::new(false) });
     {
         let mut st = core.lock();
         st.link = Some(link.clone());
@@ -768,6 +888,11 @@ async fn dispatch(mut inbound: Streaming<ExpertResponse>, core: Arc<Core>, link:
             Err(status) => break format!("{} ({:?})", status.message(), status.code()),
         }
     };
+    core.stream_ended.notify_one();
+    if core.stopping.load(Ordering::Acquire) {
+        tracing::debug!(addr = %core.addr, %reason, "expert stream closed");
+        return;
+    }
     tracing::warn!(addr = %core.addr, %reason, "expert stream ended; reconnecting");
     {
         let mut st = core.lock();

@@ -94,6 +94,8 @@ struct Inner {
     rings_made: AtomicU64,
     /// Rings attached to streams, served by one poller job on the pool.
     rings: Mutex<Rings>,
+    /// Whether the poller sleeps (parked) and must be woken for a queued call.
+    poller_parked: AtomicBool,
 }
 
 /// The Expert service; cheap to clone.
@@ -340,6 +342,7 @@ impl ExpertService {
                 pending: Mutex::new(HashMap::new()),
                 rings_made: AtomicU64::new(0),
                 rings: Mutex::new(Rings::default()),
+                poller_parked: AtomicBool::new(false),
             }),
         })
     }
@@ -425,14 +428,41 @@ impl Inner {
             let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
             rings.list.push(entry.clone());
             rings.changed = true;
-            if !rings.poller {
-                rings.poller = true;
-                let inner = self.clone();
-                self.pool.spawn(move || inner.poll_rings());
-            }
+            self.start_poller(&mut rings);
         }
         self.metrics.shm_rings(1);
         Ok(RingGuard { entry, metrics: self.metrics.clone() })
+    }
+
+    fn start_poller(self: &Arc<Self>, rings: &mut Rings) {
+        if !rings.poller {
+            rings.poller = true;
+            let inner = self.clone();
+            self.pool.spawn(move || inner.poll_rings());
+        }
+    }
+
+    /// Counts an open `Forward` stream: while one is open the poller runs, so that the gRPC
+    /// path's calls are picked up by a pool thread that is awake (yielding) instead of one
+    /// that must be woken. The guard uncounts it.
+    fn stream_opened(self: &Arc<Self>) -> StreamGuard {
+        let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        rings.streams += 1;
+        self.start_poller(&mut rings);
+        StreamGuard { inner: self.clone() }
+    }
+
+    /// Hands a gRPC call's job to the pool; when the poller is asleep (idle for a while), it
+    /// is woken too, as a pool thread it may be the only one.
+    fn spawn_call(&self, job: impl FnOnce() + Send + 'static) {
+        self.pool.spawn(job);
+        if self.poller_parked.load(Ordering::Acquire) {
+            if let Some(t) =
+                self.rings.lock().unwrap_or_else(PoisonError::into_inner).thread.as_ref()
+            {
+                t.unpark();
+            }
+        }
     }
 
     /// The poller: one job on the compute pool serving every attached ring, for as long as
@@ -443,12 +473,15 @@ impl Inner {
     fn poll_rings(self: &Arc<Self>) {
         let mut rings: Vec<Arc<RingEntry>> = Vec::new();
         let mut backoff = Backoff::new(self.shm_spin);
+        self.rings.lock().unwrap_or_else(PoisonError::into_inner).thread =
+            Some(std::thread::current());
         loop {
             {
                 let mut shared = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
                 shared.list.retain(|e| !e.stop.load(Ordering::Acquire));
-                if shared.list.is_empty() {
+                if shared.list.is_empty() && shared.streams == 0 {
                     shared.poller = false;
+                    shared.thread = None;
                     return;
                 }
                 if shared.changed || rings.len() != shared.list.len() {
@@ -469,7 +502,17 @@ impl Inner {
                 if rayon::yield_now() == Some(rayon::Yield::Executed) {
                     break;
                 }
-                backoff.snooze();
+                if backoff.sleeping() {
+                    // Idle for a while: sleep in short steps, and let `spawn_call` wake
+                    // this thread early (it checks the flag after queueing its job).
+                    self.poller_parked.store(true, Ordering::Release);
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        backoff.park();
+                    }
+                    self.poller_parked.store(false, Ordering::Release);
+                } else {
+                    backoff.snooze();
+                }
             }
             if busy {
                 backoff.reset();
@@ -537,6 +580,21 @@ struct Rings {
     changed: bool,
     /// Whether the poller job is running.
     poller: bool,
+    /// Its thread, while it runs (to wake it).
+    thread: Option<std::thread::Thread>,
+    /// Open `Forward` streams (the poller runs while there is one, or a ring).
+    streams: usize,
+}
+
+/// Counts an open `Forward` stream for the poller.
+struct StreamGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.inner.rings.lock().unwrap_or_else(PoisonError::into_inner).streams -= 1;
+    }
 }
 
 /// Keeps a ring served while its `Forward` stream lives.
@@ -591,8 +649,10 @@ impl Expert for ExpertService {
         let (tx, rx) = mpsc::channel(64);
         let inner = self.inner.clone();
         inner.metrics.streams(1);
+        let polling = inner.stream_opened();
         tokio::spawn(async move {
             let _guard = guard;
+            let _polling = polling;
             tracing::debug!(?peer, "forward stream opened");
             loop {
                 let msg = match inbound.message().await {
@@ -626,7 +686,7 @@ impl Expert for ExpertService {
                 };
                 let Ok(permit) = inner.in_flight.clone().acquire_owned().await else { break };
                 let (inner2, tx2) = (inner.clone(), tx.clone());
-                inner.pool.spawn(move || {
+                inner.spawn_call(move || {
                     let resp = inner2.compute(call, arrived);
                     drop(permit);
                     let _ = tx2.blocking_send(Ok(resp));

@@ -3,6 +3,8 @@
 use kt_models::{Routing, NO_EXPERT};
 
 use crate::v1::{tensor::Payload, DataType, ExpertRequest, Tensor};
+use crate::values;
+pub use crate::values::bf16_bits;
 
 /// A malformed or unacceptable message. The text names the field and what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -92,45 +94,37 @@ pub fn encode_tensor_f32(values: &[f32], shape: &[usize], dtype: WireDType) -> T
 pub fn write_values(values: &[f32], dtype: WireDType, out: &mut [u8]) {
     match dtype {
         WireDType::F32 => {
-            for (o, v) in out.chunks_exact_mut(4).zip(values) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
+            let src = values::f32_bytes(values);
+            let n = src.len().min(out.len());
+            out[..n].copy_from_slice(&src[..n]);
         }
         WireDType::Bf16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
-            }
+            let values = &values[..values.len().min(out.len() / 2)];
+            let _ = values::to_bf16_bytes::<()>(values, |off, b| {
+                out[off..off + b.len()].copy_from_slice(b);
+                Ok(())
+            });
         }
-    }
-}
-
-/// `v` rounded to bfloat16 (nearest, ties to even), as bits. Branch-free so that loops over
-/// it vectorize; NaN stays NaN (activations are checked for finiteness anyway), overflow
-/// rounds to infinity, as `half::bf16::from_f32` does.
-#[inline]
-pub fn bf16_bits(v: f32) -> u16 {
-    let b = v.to_bits();
-    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-    if nan {
-        ((b >> 16) as u16) | 0x0040
-    } else {
-        rounded
     }
 }
 
 /// The f32 values of little-endian `dtype` elements (`bytes.len()` must be a multiple of the
 /// element size; a trailing partial element is ignored).
 pub fn read_values(bytes: &[u8], dtype: WireDType) -> Vec<f32> {
+    let mut out = vec![0.0f32; bytes.len() / dtype.size()];
     match dtype {
         WireDType::F32 => {
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+            let n = out.len() * 4;
+            values::f32_bytes_mut(&mut out).copy_from_slice(&bytes[..n]);
         }
-        WireDType::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        WireDType::Bf16 => {
+            let _ = values::from_bf16_bytes::<()>(&mut out, |off, b| {
+                b.copy_from_slice(&bytes[off..off + b.len()]);
+                Ok(())
+            });
+        }
     }
+    out
 }
 
 /// The values of an inline F32 or BF16 tensor as f32, with its shape and dtype. At most
@@ -330,10 +324,10 @@ pub fn finish_call(p: CallParts, shape: &SeamShape) -> Result<ExpertCall, WireEr
             format!("expert {id} is out of range (the model has {} experts)", shape.n_experts),
         ));
     }
-    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+    if let Some(w) = values::first_non_finite(&weights) {
         return Err(invalid("expert_weights", format!("{w} is not finite")));
     }
-    if let Some(v) = hidden.iter().find(|v| !v.is_finite()) {
+    if let Some(v) = values::first_non_finite(&hidden) {
         return Err(invalid("hidden", format!("{v} is not finite")));
     }
     Ok(ExpertCall { request_id, layer, hidden, n, dtype, routing: Routing { k, ids, weights } })

@@ -7,6 +7,7 @@
 
 pub mod convert;
 pub mod shm;
+pub mod values;
 
 /// Generated code of package `kt.v1`.
 #[allow(

@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::convert::{read_values, CallParts, SeamShape, WireDType};
+use crate::values;
 
 #[cfg(target_endian = "big")]
 compile_error!("the shared-memory ring copies f32 payloads as little-endian bytes");
@@ -494,71 +495,34 @@ impl Ring {
         Ok(())
     }
 
-    /// Reads `count` elements of `dtype` at `off` straight out of the mapping as f32 (no
-    /// intermediate buffer: a large call would otherwise fault in fresh pages for one).
+    /// Reads `count` elements of `dtype` at `off` out of the mapping as f32, copied straight
+    /// into the answer (bf16 through a small stack buffer), never through a reference into
+    /// the shared bytes.
     fn read_f32s(&self, off: usize, count: usize, dtype: WireDType) -> Result<Vec<f32>, ShmError> {
         let bytes = count.checked_mul(dtype.size());
         if bytes.and_then(|b| off.checked_add(b)).is_none_or(|end| end > self.len) {
             return Err(ShmError::Corrupt(format!("{count} values at {off} pass the end")));
         }
-        let mut out: Vec<f32> = Vec::with_capacity(count);
+        let mut out = vec![0.0f32; count];
         match dtype {
-            WireDType::F32 => {
-                // SAFETY: `count × 4` bytes at `off` lie inside the mapping (checked above);
-                // `out` has capacity for `count` f32s, every bit pattern is a valid f32, and
-                // the target is little-endian (checked at compile time below), so the bytes
-                // are the values; `set_len` follows the copy that initialized them.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.ptr.add(off),
-                        out.as_mut_ptr().cast::<u8>(),
-                        count * 4,
-                    );
-                    out.set_len(count);
-                }
-            }
+            WireDType::F32 => self.copy_out(off, values::f32_bytes_mut(&mut out))?,
             WireDType::Bf16 => {
-                // SAFETY: as above for `count × 2` bytes; unaligned reads of u16 through a raw
-                // pointer, no reference to the shared bytes is formed.
-                let src = unsafe { self.ptr.add(off) }.cast::<u16>();
-                out.extend((0..count).map(|i| {
-                    // SAFETY: element `i < count` lies inside the checked range.
-                    let b = unsafe { src.add(i).read_unaligned() };
-                    f32::from_bits(u32::from(b) << 16)
-                }));
+                values::from_bf16_bytes(&mut out, |at, b| self.copy_out(off + at, b))?;
             }
         }
         Ok(out)
     }
 
-    /// Writes `values` as `dtype` elements at `off` straight into the mapping.
+    /// Writes `values` as `dtype` elements at `off` into the mapping.
     fn write_f32s(&self, off: usize, values: &[f32], dtype: WireDType) -> Result<(), ShmError> {
         let bytes = values.len() * dtype.size();
         if off.checked_add(bytes).is_none_or(|end| end > self.len) {
             return Err(ShmError::TooLarge(format!("{bytes} bytes at {off} pass the end")));
         }
         match dtype {
-            WireDType::F32 => {
-                // SAFETY: the destination range lies inside the writable mapping (checked
-                // above); little-endian target, so the f32s' bytes are the wire bytes.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        values.as_ptr().cast::<u8>(),
-                        self.ptr.add(off),
-                        bytes,
-                    )
-                };
-            }
-            WireDType::Bf16 => {
-                // SAFETY: as above; unaligned u16 writes through a raw pointer.
-                let dst = unsafe { self.ptr.add(off) }.cast::<u16>();
-                for (i, v) in values.iter().enumerate() {
-                    // SAFETY: element `i < values.len()` lies inside the checked range.
-                    unsafe { dst.add(i).write_unaligned(crate::convert::bf16_bits(*v)) };
-                }
-            }
+            WireDType::F32 => self.copy_in(off, values::f32_bytes(values)),
+            WireDType::Bf16 => values::to_bf16_bytes(values, |at, b| self.copy_in(off + at, b)),
         }
-        Ok(())
     }
 
     fn slot_base(&self, slot: usize) -> Result<usize, ShmError> {
@@ -803,7 +767,7 @@ impl Ring {
                 )));
             }
             let values = self.read_f32s(base + SLOT_HEADER, n * hidden, dtype)?;
-            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+            if let Some(v) = values::first_non_finite(&values) {
                 return Err(ShmError::Corrupt(format!("answer holds {v}")));
             }
             Ok(values)
@@ -900,6 +864,16 @@ impl Backoff {
         } else {
             std::thread::sleep(SLEEP_STEP);
         }
+    }
+
+    /// Whether the wait is in its sleeping phase (past spinning and yielding).
+    pub fn sleeping(&self) -> bool {
+        self.start.elapsed() >= self.spin + YIELD_FOR
+    }
+
+    /// One sleep step as a park: `Thread::unpark` ends it early.
+    pub fn park(&mut self) {
+        std::thread::park_timeout(SLEEP_STEP);
     }
 
     /// Starts over (something happened).
