@@ -503,14 +503,20 @@ impl Ring {
         if bytes.and_then(|b| off.checked_add(b)).is_none_or(|end| end > self.len) {
             return Err(ShmError::Corrupt(format!("{count} values at {off} pass the end")));
         }
-        let mut out = vec![0.0f32; count];
         match dtype {
-            WireDType::F32 => self.copy_out(off, values::f32_bytes_mut(&mut out))?,
+            WireDType::F32 => {
+                let mut out = vec![0.0f32; count];
+                self.copy_out(off, values::f32_bytes_mut(&mut out))?;
+                Ok(out)
+            }
             WireDType::Bf16 => {
-                values::from_bf16_bytes(&mut out, |at, b| self.copy_out(off + at, b))?;
+                let mut out = Vec::new();
+                values::extend_from_bf16_bytes(&mut out, count, |at, b| {
+                    self.copy_out(off + at, b)
+                })?;
+                Ok(out)
             }
         }
-        Ok(out)
     }
 
     /// Writes `values` as `dtype` elements at `off` into the mapping.

@@ -167,6 +167,26 @@ pub fn from_bf16_bytes<E>(
     Ok(())
 }
 
+/// Appends the f32 values of `count` bf16 wire elements to `out`, fetched step by step by
+/// `get(byte offset, buffer)` (no zero-filling of `out` first).
+pub fn extend_from_bf16_bytes<E>(
+    out: &mut Vec<f32>,
+    count: usize,
+    mut get: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    out.reserve(count);
+    let mut stage = [0u16; STAGE];
+    let mut done = 0;
+    while done < count {
+        let step = (count - done).min(STAGE);
+        let bits = &mut stage[..step];
+        get(done * 2, bytes_of_mut(bits))?;
+        out.extend(bits.iter().map(|b| bf16_value(*b)));
+        done += step;
+    }
+    Ok(())
+}
+
 /// The wire bytes of f32 values (little-endian: the values' own bytes).
 pub fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: u8 has alignment 1 and every byte of initialized f32s is initialized.
@@ -240,6 +260,14 @@ mod tests {
         for (y, x) in back.iter().zip(&v) {
             assert_eq!(y.to_bits(), half::bf16::from_f32(*x).to_f32().to_bits());
         }
+        let mut appended = vec![7.0f32];
+        extend_from_bf16_bytes::<()>(&mut appended, v.len(), |off, b| {
+            b.copy_from_slice(&wire[off..off + b.len()]);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(appended[0], 7.0);
+        assert!(appended[1..].iter().zip(&back).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert_eq!(f32_bytes(&[1.0]), 1.0f32.to_le_bytes());
     }
 
