@@ -223,6 +223,31 @@ impl FailoverExperts {
     }
 }
 
+impl FailoverExperts {
+    /// The primary's answer (or the error it answered itself); `None` when it failed as a
+    /// transport, recorded first in `failures` for the final error.
+    fn call_primary<'a>(
+        &'a self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+        failures: &mut Vec<(&'a Member, ModelError)>,
+    ) -> Option<Result<Vec<f32>, ModelError>> {
+        match self.primary.experts.forward(layer, hidden, routing) {
+            Ok(out) => {
+                self.primary_ok();
+                Some(Ok(out))
+            }
+            Err(e) if answered_by_server(&e) => Some(Err(e)),
+            Err(e) => {
+                self.primary_failed(&e);
+                failures.insert(0, (&self.primary, e));
+                None
+            }
+        }
+    }
+}
+
 impl Experts for FailoverExperts {
     fn forward(
         &self,
@@ -231,18 +256,11 @@ impl Experts for FailoverExperts {
         routing: &Routing,
     ) -> Result<Vec<f32>, ModelError> {
         let mut failures: Vec<(&Member, ModelError)> = Vec::new();
+        // The primary's answer, or its failure recorded (first in the list) for the error.
         let primary_first = self.primary_first();
         if primary_first {
-            match self.primary.experts.forward(layer, hidden, routing) {
-                Ok(out) => {
-                    self.primary_ok();
-                    return Ok(out);
-                }
-                Err(e) if answered_by_server(&e) => return Err(e),
-                Err(e) => {
-                    self.primary_failed(&e);
-                    failures.push((&self.primary, e));
-                }
+            if let Some(answer) = self.call_primary(layer, hidden, routing, &mut failures) {
+                return answer;
             }
         }
         for r in self.replica_order() {
@@ -272,16 +290,8 @@ impl Experts for FailoverExperts {
         }
         if !primary_first {
             // Every replica failed: the primary is the last resort, even in its hold-off.
-            match self.primary.experts.forward(layer, hidden, routing) {
-                Ok(out) => {
-                    self.primary_ok();
-                    return Ok(out);
-                }
-                Err(e) if answered_by_server(&e) => return Err(e),
-                Err(e) => {
-                    self.primary_failed(&e);
-                    failures.insert(0, (&self.primary, e));
-                }
+            if let Some(answer) = self.call_primary(layer, hidden, routing, &mut failures) {
+                return answer;
             }
         }
         let tried: Vec<String> =
