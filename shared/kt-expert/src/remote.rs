@@ -626,9 +626,13 @@ impl Experts for RemoteExperts {
             core.lock().pending.remove(&id);
         };
         let _driving = Driving::begin(core);
-        let sent =
-            link.tx.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|tx| tx.send(req));
-        if !matches!(sent, Some(Ok(()))) {
+        let sent = link
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|tx| tx.send(req).is_ok());
+        if !sent {
             forget();
             return Err(core.gone("the stream is closed"));
         }
