@@ -118,7 +118,12 @@ fn plan_file(model: &str, split: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kt-split-plans-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{model}-{}.yaml", split.split_whitespace().nth(1).unwrap()));
-    std::fs::write(&path, text).unwrap();
+    // Tests running at once write the same plan: each writes its own file and renames it into
+    // place, so no test ever reads a half-written one.
+    let name = path.file_name().unwrap().to_string_lossy();
+    let tmp = dir.join(format!("{name}.{:?}.tmp", std::thread::current().id()));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
 }
 
