@@ -327,44 +327,9 @@ pub fn connect_plan_tier(
             slice: a.slice_info(),
         };
         let opts = RemoteOptions { expect: Some(expect), ..opts.clone() };
-        // Unreachable now is checked below, per share: a server may start down while
-        // a replica holds its share (it joins when it comes up).
-        let remote = Arc::new(RemoteExperts::connect_or_retry(addr, ours, opts)?);
-        members.push((Member::new(&a.server, addr, remote.clone()), remote));
+        let remote = Arc::new(RemoteExperts::connect(addr, ours, opts)?);
+        members.push(Member::new(&a.server, addr, remote));
     }
-    for (i, a) in all.iter().enumerate() {
-        let (_, remote) = &members[i];
-        if a.own.is_empty() || remote.connected() {
-            continue;
-        }
-        let replicas = &tier.servers[i].replicas;
-        if !replicas.iter().any(|&r| members.get(r).is_some_and(|(_, m)| m.connected())) {
-            let reason = remote.down_reason().unwrap_or_default();
-            let with = if replicas.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " (nor any of its replicas: {})",
-                    replicas
-                        .iter()
-                        .filter_map(|&r| members.get(r))
-                        .map(|(m, r)| format!(
-                            "`{}` at {}: {}",
-                            m.name,
-                            m.addr,
-                            r.down_reason().unwrap_or_default()
-                        ))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )
-            };
-            return Err(ExpertError::Connect {
-                addr: members[i].0.addr.clone(),
-                reason: format!("expert server `{}`: {reason}{with}", a.server),
-            });
-        }
-    }
-    let members: Vec<Member> = members.into_iter().map(|(m, _)| m).collect();
     let probe_after = opts.reconnect_max;
     // Per server that owns a share: what the worker calls for it, and the health group.
     let mut callers: Vec<(usize, Arc<dyn Experts>)> = Vec::new();
