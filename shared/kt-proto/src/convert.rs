@@ -111,20 +111,22 @@ pub fn write_values(values: &[f32], dtype: WireDType, out: &mut [u8]) {
 /// The f32 values of little-endian `dtype` elements (`bytes.len()` must be a multiple of the
 /// element size; a trailing partial element is ignored).
 pub fn read_values(bytes: &[u8], dtype: WireDType) -> Vec<f32> {
-    let mut out = vec![0.0f32; bytes.len() / dtype.size()];
+    let count = bytes.len() / dtype.size();
     match dtype {
         WireDType::F32 => {
-            let n = out.len() * 4;
-            values::f32_bytes_mut(&mut out).copy_from_slice(&bytes[..n]);
+            let mut out = vec![0.0f32; count];
+            values::f32_bytes_mut(&mut out).copy_from_slice(&bytes[..count * 4]);
+            out
         }
         WireDType::Bf16 => {
-            let _ = values::from_bf16_bytes::<()>(&mut out, |off, b| {
+            let mut out = Vec::new();
+            let _ = values::extend_from_bf16_bytes::<()>(&mut out, count, |off, b| {
                 b.copy_from_slice(&bytes[off..off + b.len()]);
                 Ok(())
             });
+            out
         }
     }
-    out
 }
 
 /// The values of an inline F32 or BF16 tensor as f32, with its shape and dtype. At most

@@ -153,20 +153,6 @@ pub fn to_bf16_bytes<E>(
     Ok(())
 }
 
-/// Fills `out` from bf16 wire bytes, fetched step by step by `get(byte offset, buffer)`.
-pub fn from_bf16_bytes<E>(
-    out: &mut [f32],
-    mut get: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    let mut stage = [0u16; STAGE];
-    for (i, chunk) in out.chunks_mut(STAGE).enumerate() {
-        let bits = &mut stage[..chunk.len()];
-        get(i * STAGE * 2, bytes_of_mut(bits))?;
-        bf16_to_f32(bits, chunk);
-    }
-    Ok(())
-}
-
 /// Appends the f32 values of `count` bf16 wire elements to `out`, fetched step by step by
 /// `get(byte offset, buffer)` (no zero-filling of `out` first).
 pub fn extend_from_bf16_bytes<E>(
@@ -176,12 +162,14 @@ pub fn extend_from_bf16_bytes<E>(
 ) -> Result<(), E> {
     out.reserve(count);
     let mut stage = [0u16; STAGE];
+    let mut values = [0f32; STAGE];
     let mut done = 0;
     while done < count {
         let step = (count - done).min(STAGE);
         let bits = &mut stage[..step];
         get(done * 2, bytes_of_mut(bits))?;
-        out.extend(bits.iter().map(|b| bf16_value(*b)));
+        bf16_to_f32(bits, &mut values[..step]);
+        out.extend_from_slice(&values[..step]);
         done += step;
     }
     Ok(())
@@ -251,8 +239,8 @@ mod tests {
         for (c, x) in wire.chunks_exact(2).zip(&v) {
             assert_eq!(u16::from_le_bytes([c[0], c[1]]), half::bf16::from_f32(*x).to_bits());
         }
-        let mut back = vec![0.0f32; v.len()];
-        from_bf16_bytes::<()>(&mut back, |off, b| {
+        let mut back = Vec::new();
+        extend_from_bf16_bytes::<()>(&mut back, v.len(), |off, b| {
             b.copy_from_slice(&wire[off..off + b.len()]);
             Ok(())
         })
