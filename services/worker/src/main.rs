@@ -25,6 +25,7 @@ mod env {
     pub const MAX_BATCH_TOKENS: &str = "KT_WORKER_MAX_BATCH_TOKENS";
     pub const EXPERTS_PER_TOKEN: &str = "KT_WORKER_EXPERTS_PER_TOKEN";
     pub const EXPERT_TIMEOUT: &str = "KT_WORKER_EXPERT_TIMEOUT";
+    pub const EXPERT_WAIT: &str = "KT_WORKER_EXPERT_WAIT";
     pub const MATMUL: &str = "KT_WORKER_MATMUL";
 }
 
@@ -78,6 +79,11 @@ struct Args {
     /// Seconds to wait for an expert server's answer before the affected requests fail.
     #[arg(long, env = env::EXPERT_TIMEOUT, default_value_t = 30.0)]
     expert_timeout: f64,
+    /// Seconds to keep retrying, at start, an expert server that cannot be reached yet (still
+    /// loading, or started after the worker); 0 = fail at once. A server with the wrong model
+    /// or placement fails the start at once.
+    #[arg(long, env = env::EXPERT_WAIT, default_value_t = 120.0)]
+    expert_wait: f64,
     /// Products on the CPU: f32 (exact, the reference) or ggml (activations quantized as
     /// llama.cpp does; the fast kernels for quantized weights, incl. locally held experts).
     #[arg(long, env = env::MATMUL, value_enum, default_value_t = Matmul::F32)]
@@ -118,6 +124,9 @@ fn main() -> anyhow::Result<()> {
             args.expert_timeout
         );
     }
+    if !(args.expert_wait >= 0.0 && args.expert_wait.is_finite()) {
+        anyhow::bail!("--expert-wait {}: must be a number of seconds, 0 or more", args.expert_wait);
+    }
     let mut opts = ModelOptions::new(&args.model);
     opts.gguf = args.gguf.clone();
     opts.plan = args.plan.clone();
@@ -128,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         Matmul::Ggml => kt_models::MatmulMode::Ggml,
     };
     opts.remote.timeout = Duration::from_secs_f64(args.expert_timeout);
+    opts.remote.start_wait = Duration::from_secs_f64(args.expert_wait);
     let loaded = kt_worker::setup::load_model(&opts)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let model = Arc::new(loaded.model);

@@ -461,4 +461,38 @@ fn bad_flags_fail_clearly() {
     assert!(err.contains("no routed experts"), "{err}");
     let err = run(&["--kv-memory=0"]);
     assert!(err.contains("--kv-memory"), "{err}");
+    let err = run(&["--expert-wait=-1"]);
+    assert!(err.contains("--expert-wait"), "{err}");
+}
+
+/// Tiers started together, the worker first: it waits for its expert servers (logging that
+/// it does), then serves the same tokens as one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_expert_servers_waits_for_them() {
+    let model = "qwen3moe";
+    let path = fixture(model).join("hf");
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (a0, a1) = (free().to_string(), free().to_string());
+    let w = std::thread::spawn({
+        let (path, a0, a1) = (path.clone(), a0.clone(), a1.clone());
+        move || {
+            worker(
+                &path,
+                &[
+                    ("KT_WORKER_EXPERT", format!("numa0={a0},numa1={a1}")),
+                    ("KT_WORKER_EXPERT_WAIT", "120".into()),
+                    ("KT_WORKER_KV_MEMORY", "0.01".into()),
+                ],
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let _e0 = expert(model, "mod:2:0", &a0);
+    let _e1 = expert(model, "mod:2:1", &a1);
+    let w = w.join().unwrap();
+    let mut c = client(&w.addr).await;
+    let p = prompt(model);
+    let (tokens, fin) = run(&mut c, request("late", p.clone(), 16)).await;
+    assert_eq!(fin.reason, Wire::Length as i32, "{}", fin.message);
+    check_equal("experts started after the worker", &tokens, &local(&path, &p, 16));
 }

@@ -164,6 +164,11 @@ pub struct RemoteOptions {
     pub reconnect_initial: Duration,
     /// …up to this.
     pub reconnect_max: Duration,
+    /// How long the first connect keeps retrying a server that cannot be reached yet
+    /// (refused, no answer, `Info` failing): tiers started together need not be started in
+    /// order. Zero: fail at once. A server that answers with the wrong model or placement
+    /// fails at once either way.
+    pub start_wait: Duration,
     /// What the server must hold; `None` = whatever it held at the first connect.
     pub expect: Option<Holding>,
 }
@@ -183,6 +188,7 @@ impl Default for RemoteOptions {
             reply_poll: Duration::from_micros(100),
             reconnect_initial: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(2),
+            start_wait: Duration::ZERO,
             expect: None,
         }
     }
@@ -360,7 +366,7 @@ impl RemoteExperts {
             stopping: AtomicBool::new(false),
             stream_ended: Notify::new(),
         });
-        let info = runtime.block_on(establish(core.clone()))?;
+        let info = runtime.block_on(first_connect(core.clone()))?;
         tracing::info!(
             addr,
             name = %info.name,
@@ -679,6 +685,34 @@ impl Drop for RemoteExperts {
 
 /// How long dropping a client waits for its stream to close.
 const CLOSE_WAIT: Duration = Duration::from_millis(200);
+
+/// The first connect: [`establish`], retried while the server cannot be reached and
+/// `start_wait` lasts (backing off from `reconnect_initial` to `reconnect_max`, a line in the
+/// log every few seconds).
+async fn first_connect(core: Arc<Core>) -> Result<ExpertInfo, ExpertError> {
+    let deadline = Instant::now() + core.opts.start_wait;
+    let mut pause = core.opts.reconnect_initial;
+    let mut logged: Option<Instant> = None;
+    loop {
+        match establish(core.clone()).await {
+            Err(ExpertError::Connect { reason, .. }) if Instant::now() + pause < deadline => {
+                if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tracing::info!(
+                        addr = %core.addr,
+                        %reason,
+                        "waiting for the expert server ({:.0} s left)",
+                        left.as_secs_f64()
+                    );
+                    logged = Some(Instant::now());
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(core.opts.reconnect_max);
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Connects (or reconnects) `core`: channel, `Info` and its checks, a ring when allowed and
 /// proved, the stream and its dispatcher. Installs the new link; returns the `Info`.

@@ -367,3 +367,56 @@ fn replicas_of_intermediate_slices_are_refused() {
         "{err}"
     );
 }
+
+/// A port nothing listens on (bound, then released).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Tiers started together: the worker's first connect waits (`start_wait`) for servers that
+/// are still loading, then answers as the all-local split does; without the wait it fails at
+/// once naming the server; a server holding the wrong share fails the start at once even
+/// with the wait.
+#[test]
+fn the_first_connect_waits_for_servers_still_starting() {
+    let plan = shipped_plan();
+    let (a0, a1) = (free_addr(), free_addr());
+    let addrs = [("numa0", a0.clone()), ("numa1", a1.clone())];
+    let p = Plan::load(&plan).unwrap();
+    let shape = ModelShape::open(hf(), None).unwrap();
+    let config = kt_models::open(&hf(), None, MatmulMode::F32).unwrap().config;
+    let named: Vec<(String, String)> =
+        addrs.iter().map(|(n, a)| (n.to_string(), a.clone())).collect();
+    let ours = identity("hf", &config);
+    let err = kt_expert::connect_plan_tier(&p, &shape, &ours, &named, &worker_opts(ShmMode::Off))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains(&a0) && err.contains("cannot connect"), "{err}");
+
+    let starter = std::thread::spawn({
+        let (plan, a0, a1) = (plan.clone(), a0.clone(), a1.clone());
+        move || {
+            std::thread::sleep(Duration::from_millis(700));
+            (start(&plan, "numa0", &a0), start(&plan, "numa1", &a1))
+        }
+    });
+    let waiting =
+        RemoteOptions { start_wait: Duration::from_secs(60), ..worker_opts(ShmMode::Off) };
+    let tier = connect(&plan, &addrs, &waiting);
+    let servers = starter.join().unwrap();
+    assert!(tier.health.check().serving, "{:?}", tier.health.check());
+    run(tier.experts.as_ref(), &local_reference(&plan), 0..6);
+
+    // Addresses swapped: each answers under the other name, a wrong placement: no waiting.
+    let swapped = vec![("numa0".to_string(), a1.clone()), ("numa1".to_string(), a0.clone())];
+    let t = Instant::now();
+    let err = kt_expert::connect_plan_tier(&p, &shape, &ours, &swapped, &waiting)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("is named `numa1`, `numa0` was expected"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30), "waited {:?} on a wrong placement", t.elapsed());
+    drop(servers);
+}

@@ -136,6 +136,9 @@ def cluster(tmp_path_factory):
             return status == 200 and json.loads(body).get("data")
 
         wait_for("the gateway's /v1/models", ready, 90, list(c.procs.items()))
+        # The worker waits for its expert servers (--expert-wait); the tests need it serving.
+        wait_for("a healthy worker behind the gateway (/ready)",
+                 lambda: http(c.url + "/ready")[0] == 200, 150, list(c.procs.items()))
         yield c
     except Exception:
         print(c.logs())
