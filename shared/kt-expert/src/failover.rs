@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kt_models::{Experts, ModelError, Routing};
-use kt_proto::v1::expert_error::Code;
 
 use crate::RemoteExperts;
 
@@ -63,23 +62,17 @@ impl std::fmt::Debug for Member {
 }
 
 /// Whether `err` is an answer from the server (so the link works and another server would
-/// refuse the same call): a request the worker got wrong, or an error code the server sent.
+/// refuse the same call): a request the worker got wrong, or an error the server sent back.
 /// Everything else a remote call fails with is the transport's: unavailable, stream ended,
 /// timed out, a broken ring.
 pub fn answered_by_server(err: &ModelError) -> bool {
-    match err {
-        ModelError::Input(_) => true,
-        ModelError::Experts(msg) => [Code::InvalidArgument, Code::NotHeld, Code::Internal]
-            .iter()
-            .any(|c| msg.contains(&format!("{}: ", c.as_str_name()))),
-        _ => false,
-    }
+    matches!(err, ModelError::Input(_) | ModelError::ExpertsRefused(_))
 }
 
 /// An error's text without the `experts: ` of [`ModelError`]'s display (messages nest them).
 fn text(err: &ModelError) -> String {
     match err {
-        ModelError::Experts(m) => m.clone(),
+        ModelError::Experts(m) | ModelError::ExpertsRefused(m) => m.clone(),
         other => other.to_string(),
     }
 }
@@ -270,7 +263,7 @@ impl Experts for FailoverExperts {
                     return Ok(out);
                 }
                 Err(e) if answered_by_server(&e) => {
-                    return Err(ModelError::Experts(format!(
+                    return Err(ModelError::ExpertsRefused(format!(
                         "{} (replica {} answering for {})",
                         text(&e),
                         r.label(),
@@ -429,6 +422,7 @@ mod tests {
                 return Err(match e {
                     ModelError::Input(m) => ModelError::Input(m.clone()),
                     ModelError::Experts(m) => ModelError::Experts(m.clone()),
+                    ModelError::ExpertsRefused(m) => ModelError::ExpertsRefused(m.clone()),
                     other => ModelError::Experts(other.to_string()),
                 });
             }
@@ -459,11 +453,12 @@ mod tests {
     #[test]
     fn server_answers_are_not_transport_failures() {
         assert!(answered_by_server(&ModelError::Input("3 values are not rows of 2".into())));
-        assert!(answered_by_server(&ModelError::Experts(
+        assert!(answered_by_server(&ModelError::ExpertsRefused(
             "expert server a:1: CODE_INVALID_ARGUMENT: layer 99 out of range".into()
         )));
-        assert!(answered_by_server(&ModelError::Experts(
-            "expert server a:1: CODE_NOT_HELD: x".into()
+        // The kind decides, not the text.
+        assert!(!answered_by_server(&ModelError::Experts(
+            "expert server a:1 is unavailable: CODE_NOT_HELD: x".into()
         )));
         for transport in [
             "expert server a:1 is unavailable: the server closed the stream",
@@ -516,7 +511,7 @@ mod tests {
     #[test]
     fn invalid_requests_do_not_fail_over() {
         let (p, r, f) = pair(Duration::from_secs(3600));
-        *p.fail.lock().unwrap() = Some(ModelError::Experts(
+        *p.fail.lock().unwrap() = Some(ModelError::ExpertsRefused(
             "expert server p: CODE_INVALID_ARGUMENT: expert id 99 out of range".into(),
         ));
         let e = f.forward(1, &[0.0], &routing()).unwrap_err().to_string();

@@ -248,7 +248,7 @@ impl Experts for SlicedExperts {
         let mut out = vec![0f32; hidden.len()];
         for (i, part) in answers.iter().enumerate() {
             if part.len() != out.len() {
-                return Err(ModelError::Experts(format!(
+                return Err(ModelError::ExpertsRefused(format!(
                     "slice {i} answered {} values for {}",
                     part.len(),
                     out.len()

@@ -194,7 +194,16 @@ impl Default for RemoteOptions {
     }
 }
 
-type Reply = oneshot::Sender<Result<Vec<f32>, String>>;
+/// Why a gRPC call got no values.
+#[derive(Debug)]
+enum Failure {
+    /// The server answered with an error (or an answer that does not decode).
+    Refused(String),
+    /// The stream ended before the answer.
+    Lost(String),
+}
+
+type Reply = oneshot::Sender<Result<Vec<f32>, Failure>>;
 
 /// A ring attached to a link.
 struct ShmLink {
@@ -503,7 +512,7 @@ impl RemoteExperts {
                     .ok()
                     .and_then(|c| kt_proto::v1::expert_error::Code::try_from(c).ok())
                     .map_or("unknown error", |c| c.as_str_name());
-                Some(Err(ModelError::Experts(format!(
+                Some(Err(ModelError::ExpertsRefused(format!(
                     "expert server {}: {code}: {msg}",
                     core.addr
                 ))))
@@ -545,8 +554,8 @@ impl RemoteExperts {
     /// timeout.
     fn wait_answer(
         &self,
-        mut answer: oneshot::Receiver<Result<Vec<f32>, String>>,
-    ) -> Result<Result<Vec<f32>, String>, NoAnswer> {
+        mut answer: oneshot::Receiver<Result<Vec<f32>, Failure>>,
+    ) -> Result<Result<Vec<f32>, Failure>, NoAnswer> {
         let core = &self.core;
         let Some(rt) = self.runtime.as_ref() else { return Err(NoAnswer::Disconnected) };
         let (timeout, poll) = (core.opts.timeout, core.opts.reply_poll.min(core.opts.timeout));
@@ -644,7 +653,10 @@ impl Experts for RemoteExperts {
         }
         match self.wait_answer(answer) {
             Ok(Ok(out)) => Ok(out),
-            Ok(Err(reason)) => {
+            Ok(Err(Failure::Refused(reason))) => {
+                Err(ModelError::ExpertsRefused(format!("expert server {}: {reason}", core.addr)))
+            }
+            Ok(Err(Failure::Lost(reason))) => {
                 Err(ModelError::Experts(format!("expert server {}: {reason}", core.addr)))
             }
             Err(NoAnswer::Timeout) => {
@@ -920,7 +932,7 @@ async fn dispatch(mut inbound: Streaming<ExpertResponse>, core: Arc<Core>, link:
                     );
                     continue;
                 };
-                let _ = reply.send(answer(resp, n, hidden));
+                let _ = reply.send(answer(resp, n, hidden).map_err(Failure::Refused));
             }
             Ok(None) => break "the server closed the stream".to_string(),
             Err(status) => break format!("{} ({:?})", status.message(), status.code()),
@@ -938,7 +950,7 @@ async fn dispatch(mut inbound: Streaming<ExpertResponse>, core: Arc<Core>, link:
         st.link = None;
         st.down = Some(reason.clone());
         for (_, (_, reply)) in st.pending.drain() {
-            let _ = reply.send(Err(reason.clone()));
+            let _ = reply.send(Err(Failure::Lost(reason.clone())));
         }
     }
     drop(link);

@@ -293,6 +293,20 @@ fn hostile_client_rings_get_errors_and_the_server_keeps_serving() {
     let r = Routing { k: 2, ids: vec![0, 1], weights: vec![0.5, 0.5] };
     assert_eq!(c.forward(layer, &hidden, &r).unwrap(), out);
     assert_eq!(c.transport(), Some(LinkKind::Shm));
+    // What the server refuses comes back typed as refused (not a lost link), on both
+    // transports.
+    let off = RemoteOptions { shm: ShmMode::Off, ..RemoteOptions::default() };
+    let g = RemoteExperts::connect(&addr, &raw.me, off).unwrap();
+    assert_eq!(g.transport(), Some(LinkKind::Grpc));
+    let bad = Routing { k: 2, ids: vec![0, 9999], weights: vec![0.5, 0.5] };
+    for (client, how) in [(&c, "shm"), (&g, "grpc")] {
+        match client.forward(layer, &hidden, &bad) {
+            Err(kt_models::ModelError::ExpertsRefused(m)) => {
+                assert!(m.contains("9999"), "{how}: {m}")
+            }
+            other => panic!("{how}: {other:?}"),
+        }
+    }
     let info = raw.rt.block_on(raw.client.info(ExpertInfoRequest::default())).unwrap();
     assert!(info.into_inner().shm.is_some());
 }

@@ -47,9 +47,15 @@ pub enum ModelError {
     Device(String),
     #[error("input: {0}")]
     Input(String),
-    /// The routed experts could not answer (an expert server died, stalled or refused).
+    /// The routed experts could not answer: an expert server is gone, its link broke, or it
+    /// did not answer in time (another holder of the same experts may answer instead).
     #[error("experts: {0}")]
     Experts(String),
+    /// An expert server answered the call with an error: the link works, and any holder of
+    /// the same experts would refuse the same call (a malformed request, an expert it does
+    /// not hold, a failed computation).
+    #[error("experts: {0}")]
+    ExpertsRefused(String),
     #[error(transparent)]
     Sample(#[from] kt_sample::SampleError),
 }

@@ -594,7 +594,9 @@ impl<B: Backend> Scheduler<B> {
     /// Ends every sequence of a failed iteration with an error.
     fn fail(&mut self, plan: &[(usize, usize)], err: &ModelError) {
         let message = match err {
-            ModelError::Experts(m) => format!("the expert tier failed: {m}"),
+            ModelError::Experts(m) | ModelError::ExpertsRefused(m) => {
+                format!("the expert tier failed: {m}")
+            }
             other => format!("the iteration failed: {other}"),
         };
         tracing::warn!(sequences = plan.len(), %message, "iteration failed");
