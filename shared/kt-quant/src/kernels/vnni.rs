@@ -209,121 +209,136 @@ fn bsums_dot(y: &[u8], mult: __m256i) -> i32 {
 // vec_dot
 // ---------------------------------------------------------------------------------------------
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let n = (w.len() / 34).min(a.len() / 34);
-    let flip = _mm512_set1_epi8(-128);
-    let mut acc = _mm512_setzero_ps();
-    let mut b = 0;
-    // Two blocks per register: lanes 0..8 block b, lanes 8..16 block b + 1.
-    while b + 2 <= n {
-        let (x0, x1) = (&w[34 * b..34 * b + 34], &w[34 * b + 34..34 * b + 68]);
-        let (y0, y1) = (&a[34 * b..34 * b + 34], &a[34 * b + 34..34 * b + 68]);
-        let wq = _mm512_xor_si512(join(ld256(x0, 2), ld256(x1, 2)), flip);
-        let aq = join(ld256(y0, 2), ld256(y1, 2));
-        // Σ (w + 128) a − 128 Σ a = Σ w a, four products per lane.
-        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, aq);
-        let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, aq);
-        let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(p, c));
-        let d = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(f16_at(x0, 0) * f16_at(y0, 0)),
-            _mm512_set1_ps(f16_at(x1, 0) * f16_at(y1, 0)),
-        );
-        acc = _mm512_fmadd_ps(d, s, acc);
-        b += 2;
-    }
-    let mut sumf = _mm512_reduce_add_ps(acc);
-    if b < n {
-        let (x, y) = (&w[34 * b..34 * b + 34], &a[34 * b..34 * b + 34]);
-        let flip = _mm256_set1_epi8(-128);
-        let aq = ld256(y, 2);
-        let p =
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(ld256(x, 2), flip), aq);
-        let c = _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, aq);
-        let v = _mm256_sub_epi32(p, c);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)));
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
-    }
-    sumf
-}
-
-/// Q4_0 and Q5_0 against Q8_0: `unpack(block)` gives the 32 unsigned quants of a weight
-/// block (`bytes` long) in value order, `offset` is what the format subtracts (8 or 16).
+/// The f16 at `b[stride * i..]`, `i` in 0..4, as f32 (exact).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn small_q8_0(
+fn f16x4(b: &[u8], stride: usize) -> __m128 {
+    let b = &b[..3 * stride + 2];
+    let h = |i: usize| u16::from_le_bytes([b[stride * i], b[stride * i + 1]]) as i32;
+    let v = _mm_cvtsi32_si128(h(0));
+    let v = _mm_insert_epi16::<1>(v, h(1));
+    let v = _mm_insert_epi16::<2>(v, h(2));
+    let v = _mm_insert_epi16::<3>(v, h(3));
+    _mm_cvtph_ps(v)
+}
+
+/// `VPERMPS` indices that spread the scales of a group of four blocks (lanes 0..4) over the
+/// lanes of its pairs: `[k]` puts block 2k's in lanes 0..8 and block 2k + 1's in lanes 8..16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn pair_lanes() -> [__m512i; 2] {
+    let lanes = |k: i32| {
+        _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * k), _mm512_set1_epi32(2 * k + 1))
+    };
+    [lanes(0), lanes(1)]
+}
+
+/// Q8_0, Q4_0 and Q5_0 against Q8_0, one row: `unpack2(x0, x1)` gives the 64 unsigned quants
+/// of two weight blocks (`bytes` long each) in value order, `c` is the offset the format
+/// subtracts (taken out as `c · Σa` with `VPDPBUSD`; Q8_0's weights are flipped by +128).
+///
+/// Two blocks per register (lanes 0..8 block 2p, lanes 8..16 block 2p + 1): the exact integer
+/// sums of four products per lane, times `dx · dy` (the f16 scales of four blocks converted
+/// at once, spread to the lanes by `VPERMPS`), added with FMA into accumulator `p % 2` (two
+/// chains, so that consecutive pairs do not wait on each other). An odd last block is added
+/// after the reduction, in the scalar kernel's way. [`q8_row`] does the same per token.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_family_row(
     w: &[u8],
     a: &[u8],
     bytes: usize,
-    offset: i8,
-    unpack: impl Fn(&[u8]) -> __m256i,
+    c: i8,
+    unpack2: impl Fn(&[u8], &[u8]) -> __m512i,
 ) -> f32 {
-    let n = (w.len() / bytes).min(a.len() / 34);
-    let c = _mm512_set1_epi8(offset);
-    let mut acc = _mm512_setzero_ps();
-    let mut b = 0;
-    // Two blocks per register: lanes 0..8 block b, lanes 8..16 block b + 1.
-    while b + 2 <= n {
-        let (x0, x1) = (&w[bytes * b..bytes * (b + 1)], &w[bytes * (b + 1)..bytes * (b + 2)]);
-        let (y0, y1) = (&a[34 * b..34 * b + 34], &a[34 * b + 34..34 * b + 68]);
-        let aq = join(ld256(y0, 2), ld256(y1, 2));
+    let nb = (w.len() / bytes).min(a.len() / 34);
+    let cv = _mm512_set1_epi8(c);
+    let idx = pair_lanes();
+    let mut acc = [_mm512_setzero_ps(); 2];
+    // Pair `p` (blocks 2p, 2p + 1: `x` 2 · bytes, `y` 68 bytes) into accumulator `p % 2`.
+    let mut pair = |p: usize, x: &[u8], y: &[u8], d: __m512| {
+        let (x, y) = (&x[..2 * bytes], &y[..68]);
+        let aq = join(ld256(y, 2), ld256(y, 36));
         // Σ (u − c) a = Σ u a − c Σ a, four products per lane.
-        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), join(unpack(x0), unpack(x1)), aq);
-        let s = _mm512_sub_epi32(p, _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, aq));
+        let s = _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack2(x, &x[bytes..]), aq),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, aq),
+        );
+        acc[p % 2] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p % 2]);
+    };
+    let groups = nb / 4;
+    let xy = w.chunks_exact(4 * bytes).zip(a.chunks_exact(4 * 34));
+    for (g, (xg, yg)) in xy.take(groups).enumerate() {
+        let d4 = _mm512_castps128_ps512(_mm_mul_ps(f16x4(xg, bytes), f16x4(yg, 34)));
+        for k in 0..2 {
+            let d = _mm512_permutexvar_ps(idx[k], d4);
+            pair(2 * g + k, &xg[2 * bytes * k..], &yg[68 * k..], d);
+        }
+    }
+    let mut b = 4 * groups;
+    if b + 2 <= nb {
+        let (x, y) = (&w[bytes * b..bytes * (b + 2)], &a[34 * b..34 * (b + 2)]);
         let d = _mm512_mask_blend_ps(
             0xFF00,
-            _mm512_set1_ps(f16_at(x0, 0) * f16_at(y0, 0)),
-            _mm512_set1_ps(f16_at(x1, 0) * f16_at(y1, 0)),
+            _mm512_set1_ps(f16_at(x, 0) * f16_at(y, 0)),
+            _mm512_set1_ps(f16_at(x, bytes) * f16_at(y, 34)),
         );
-        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc);
+        pair(b / 2, x, y, d);
         b += 2;
     }
-    let mut sumf = _mm512_reduce_add_ps(acc);
-    if b < n {
+    let mut sumf = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    if b < nb {
         let (x, y) = (&w[bytes * b..bytes * (b + 1)], &a[34 * b..34 * b + 34]);
-        let aq = ld256(y, 2);
-        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), unpack(x), aq);
-        let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(offset), aq);
-        let v = _mm256_sub_epi32(p, q);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let sumi = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)));
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+        let xq = _mm512_castsi512_si256(unpack2(x, x));
+        sumf += q8_tail_sumi(xq, y, c) as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
     sumf
 }
 
-/// The 16 bytes at `at` split into 32 nibbles: low nibbles (values 0..16), then high ones.
-#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn nibbles32(x: &[u8], at: usize) -> __m256i {
-    let q = ld128(x, at);
-    let m4 = _mm_set1_epi8(0xF);
-    let lo = _mm_and_si128(q, m4);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), m4);
-    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    q8_family_row(w, a, 34, -128, |x0, x1| q8_0_unpack2(x0, x1))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    small_q8_0(w, a, 18, 8, |x| nibbles32(x, 2))
+    q8_family_row(w, a, 18, 8, |x0, x1| nibbles64(x0, x1, 2))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    small_q8_0(w, a, 22, 16, |x| q5_0_unpack(x))
+    q8_family_row(w, a, 22, 16, |x0, x1| q5_0_unpack2(x0, x1))
 }
 
-/// Q5_0's 32 unsigned quants (0..32) in value order.
+/// The quants of two Q8_0 blocks, offset by +128 (`w ^ 0x80`) to unsigned bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q5_0_unpack(x: &[u8]) -> __m256i {
-    // Bit j of qh is the fifth bit of value j: 16 in the bytes whose bit is set.
-    let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
-    _mm256_or_si256(nibbles32(x, 6), _mm256_maskz_set1_epi8(qh, 16))
+fn q8_0_unpack2(x0: &[u8], x1: &[u8]) -> __m512i {
+    _mm512_xor_si512(join(ld256(x0, 2), ld256(x1, 2)), _mm512_set1_epi8(-128))
+}
+
+/// The 16 bytes at `at` of two blocks split into 64 nibbles: those of `x0` (low nibbles,
+/// values 0..16, then high ones), then those of `x1`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn nibbles64(x0: &[u8], x1: &[u8], at: usize) -> __m512i {
+    let q = join(
+        _mm256_broadcastsi128_si256(ld128(x0, at)),
+        _mm256_broadcastsi128_si256(ld128(x1, at)),
+    );
+    // Each block's bytes sit in two 128-bit lanes: shifted by 0 (low nibbles) and by 4.
+    let q = _mm512_srlv_epi64(q, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    _mm512_and_si512(q, _mm512_set1_epi8(0xF))
+}
+
+/// The unsigned quants (0..32) of two Q5_0 blocks in value order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_0_unpack2(x0: &[u8], x1: &[u8]) -> __m512i {
+    // Bit j of qh is the fifth bit of value j: 16 added to the nibbles whose bit is set.
+    let qh = |x: &[u8]| u32::from_le_bytes([x[2], x[3], x[4], x[5]]) as u64;
+    let n = nibbles64(x0, x1, 6);
+    _mm512_mask_add_epi8(n, qh(x0) | qh(x1) << 32, n, _mm512_set1_epi8(16))
 }
 
 /// The scales and mins of a Q4_K/Q5_K block (`x[4..16]`), as eight bytes each in one u64
@@ -831,10 +846,11 @@ fn q8_tail_sumi(xq: __m256i, y: &[u8], c: i8) -> i32 {
     }
 }
 
-/// One weight row `x` (`nb` blocks of `bytes`; `unpack` gives a block's 32 quants as unsigned
-/// bytes, `c` the offset subtracted through the activations) against `G` prepared tokens
-/// (`prep[t * pairs..]`, `ys[t]` their rows for the tail block). Per (row, token), the same
-/// operations as `q8_0_q8_0`/`small_q8_0` in the same order: bit-identical results.
+/// One weight row `x` (`nb` blocks of `bytes`; `unpack2` gives two blocks' 64 quants as
+/// unsigned bytes, `c` the offset subtracted through the activations) against `G` prepared
+/// tokens (`prep[t * pairs..]`, `ys[t]` their rows for the tail block). Per (row, token), the
+/// same operations as [`q8_family_row`] in the same order (two accumulators, pair `p` into
+/// `p % 2`): bit-identical results.
 #[allow(clippy::too_many_arguments)] // a row, its tokens and the format's parameters
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -845,35 +861,49 @@ fn q8_row<const G: usize>(
     prep: &[Q8Pair],
     ys: [&[u8]; G],
     c: i8,
-    unpack: &impl Fn(&[u8]) -> __m256i,
+    unpack2: &impl Fn(&[u8], &[u8]) -> __m512i,
     dist: usize,
 ) -> [f32; G] {
     {
         let pairs = nb / 2;
-        let mut acc = [_mm512_setzero_ps(); G];
-        for p in 0..pairs {
-            prefetch_ahead(x, 2 * bytes * p, 2 * bytes, dist);
-            let (x0, x1) = (&x[bytes * 2 * p..], &x[bytes * (2 * p + 1)..]);
-            let wq = join(unpack(x0), unpack(x1));
-            let dw = _mm512_mask_blend_ps(
-                0xFF00,
-                _mm512_set1_ps(f16_at(x0, 0)),
-                _mm512_set1_ps(f16_at(x1, 0)),
-            );
+        let idx = pair_lanes();
+        let mut acc = [[_mm512_setzero_ps(); 2]; G];
+        let mut step = |p: usize, dw: __m512| {
+            let x2 = &x[2 * bytes * p..2 * bytes * (p + 1)];
+            let wq = unpack2(x2, &x2[bytes..]);
             for t in 0..G {
                 let pp = &prep[t * pairs + p];
                 let s = _mm512_dpbusd_epi32(pp.negc, wq, pp.aq);
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, pp.da), _mm512_cvtepi32_ps(s), acc[t]);
+                let d = _mm512_mul_ps(dw, pp.da);
+                acc[t][p % 2] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[t][p % 2]);
             }
+        };
+        let groups = nb / 4;
+        for (g, xg) in x.chunks_exact(4 * bytes).take(groups).enumerate() {
+            prefetch_ahead(x, 4 * bytes * g, 4 * bytes, dist);
+            let d4 = _mm512_castps128_ps512(f16x4(xg, bytes));
+            for k in 0..2 {
+                step(2 * g + k, _mm512_permutexvar_ps(idx[k], d4));
+            }
+        }
+        if pairs % 2 == 1 {
+            let p = pairs - 1;
+            prefetch_ahead(x, 2 * bytes * p, 2 * bytes, dist);
+            let dw = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(f16_at(x, 2 * bytes * p)),
+                _mm512_set1_ps(f16_at(x, 2 * bytes * p + bytes)),
+            );
+            step(p, dw);
         }
         let mut out = [0f32; G];
         for t in 0..G {
-            out[t] = _mm512_reduce_add_ps(acc[t]);
+            out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
         }
         if nb % 2 == 1 {
             let b = nb - 1;
             let xb = &x[bytes * b..bytes * (b + 1)];
-            let xq = unpack(xb);
+            let xq = _mm512_castsi512_si256(unpack2(xb, xb));
             for t in 0..G {
                 let y = &ys[t][34 * b..34 * (b + 1)];
                 out[t] += q8_tail_sumi(xq, y, c) as f32 * (f16_at(xb, 0) * f16_at(y, 0));
@@ -896,7 +926,7 @@ fn q8_tile(
     ldo: usize,
     bytes: usize,
     c: i8,
-    unpack: impl Fn(&[u8]) -> __m256i,
+    unpack2: impl Fn(&[u8], &[u8]) -> __m512i,
 ) {
     let nb = (wrb / bytes).min(arb / 34);
     let dist = super::prefetch_distance();
@@ -932,7 +962,7 @@ fn q8_tile(
                 ($g:literal) => {{
                     let mut ys: [&[u8]; $g] = [&[]; $g];
                     ys.copy_from_slice(&ys8[..$g]);
-                    let v = q8_row::<$g>(x, nb, bytes, &prep, ys, c, &unpack, dist);
+                    let v = q8_row::<$g>(x, nb, bytes, &prep, ys, c, &unpack2, dist);
                     for (i, v) in v.into_iter().enumerate() {
                         out[(t0 + i) * ldo + r] = v;
                     }
@@ -976,8 +1006,7 @@ fn q8_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: u
     if a.len() / arb < Q8_TILE_MIN_TOKENS {
         return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q8_0);
     }
-    let flip = _mm256_set1_epi8(-128);
-    q8_tile(w, wrb, a, arb, out, ldo, 34, -128, |x| _mm256_xor_si256(ld256(x, 2), flip))
+    q8_tile(w, wrb, a, arb, out, ldo, 34, -128, |x0, x1| q8_0_unpack2(x0, x1))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -985,7 +1014,7 @@ fn q4_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: u
     if a.len() / arb < Q8_TILE_MIN_TOKENS {
         return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q4_0);
     }
-    q8_tile(w, wrb, a, arb, out, ldo, 18, 8, |x| nibbles32(x, 2))
+    q8_tile(w, wrb, a, arb, out, ldo, 18, 8, |x0, x1| nibbles64(x0, x1, 2))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -993,7 +1022,7 @@ fn q5_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: u
     if a.len() / arb < Q8_TILE_MIN_TOKENS {
         return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q5_0);
     }
-    q8_tile(w, wrb, a, arb, out, ldo, 22, 16, |x| q5_0_unpack(x))
+    q8_tile(w, wrb, a, arb, out, ldo, 22, 16, |x0, x1| q5_0_unpack2(x0, x1))
 }
 
 // ---------------------------------------------------------------------------------------------
