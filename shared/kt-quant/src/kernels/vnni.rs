@@ -209,17 +209,17 @@ fn bsums_dot(y: &[u8], mult: __m256i) -> i32 {
 // vec_dot
 // ---------------------------------------------------------------------------------------------
 
-/// The f16 at `b[stride * i..]`, `i` in 0..4, as f32 (exact).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn f16x4(b: &[u8], stride: usize) -> __m128 {
-    let b = &b[..3 * stride + 2];
-    let h = |i: usize| u16::from_le_bytes([b[stride * i], b[stride * i + 1]]) as i32;
-    let v = _mm_cvtsi32_si128(h(0));
-    let v = _mm_insert_epi16::<1>(v, h(1));
-    let v = _mm_insert_epi16::<2>(v, h(2));
-    let v = _mm_insert_epi16::<3>(v, h(3));
-    _mm_cvtph_ps(v)
+/// The four f16 at `b[stride * i..]`, `i` in 0..4, as one u64 (`i` in bits 16i..16i + 16),
+/// read by integer loads (no vector shuffles: `VPINSRW` would compete with the kernels'
+/// permutes for the same port).
+#[inline(always)]
+fn f16_bits4(b: &[u8], stride: usize) -> u64 {
+    let h = |at: usize| {
+        let mut v = [0u8; 2];
+        v.copy_from_slice(&b[at..at + 2]);
+        u16::from_le_bytes(v) as u64
+    };
+    h(0) | h(stride) << 16 | h(2 * stride) << 32 | h(3 * stride) << 48
 }
 
 /// `VPERMPS` indices that spread the scales of a group of four blocks (lanes 0..4) over the
@@ -269,7 +269,11 @@ fn q8_family_row(
     let groups = nb / 4;
     let xy = w.chunks_exact(4 * bytes).zip(a.chunks_exact(4 * 34));
     for (g, (xg, yg)) in xy.take(groups).enumerate() {
-        let d4 = _mm512_castps128_ps512(_mm_mul_ps(f16x4(xg, bytes), f16x4(yg, 34)));
+        // dx · dy of the four blocks: their f16 scales converted by one VCVTPH2PS (exact).
+        let h = _mm_set_epi64x(f16_bits4(yg, 34) as i64, f16_bits4(xg, bytes) as i64);
+        let d = _mm256_cvtph_ps(h);
+        let d = _mm_mul_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps::<1>(d));
+        let d4 = _mm512_castps128_ps512(d);
         for k in 0..2 {
             let d = _mm512_permutexvar_ps(idx[k], d4);
             pair(2 * g + k, &xg[2 * bytes * k..], &yg[68 * k..], d);
@@ -881,7 +885,8 @@ fn q8_row<const G: usize>(
         let groups = nb / 4;
         for (g, xg) in x.chunks_exact(4 * bytes).take(groups).enumerate() {
             prefetch_ahead(x, 4 * bytes * g, 4 * bytes, dist);
-            let d4 = _mm512_castps128_ps512(f16x4(xg, bytes));
+            let dw = _mm_cvtph_ps(_mm_cvtsi64_si128(f16_bits4(xg, bytes) as i64));
+            let d4 = _mm512_castps128_ps512(dw);
             for k in 0..2 {
                 step(2 * g + k, _mm512_permutexvar_ps(idx[k], d4));
             }
