@@ -448,7 +448,12 @@ fn reduce8(s: [__m256i; 8]) -> __m256i {
 #[inline(always)]
 unsafe fn f16x8(b: &[u8], stride: usize) -> __m256 {
     let b = &b[..7 * stride + 2];
-    let h = |i: usize| u16::from_le_bytes([b[stride * i], b[stride * i + 1]]) as u64;
+    // Two-byte copies, so that each scale is one 16-bit load.
+    let h = |i: usize| {
+        let mut v = [0u8; 2];
+        v.copy_from_slice(&b[stride * i..stride * i + 2]);
+        u16::from_le_bytes(v) as u64
+    };
     let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
     let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
     // SAFETY: the caller guarantees F16C.
@@ -476,9 +481,12 @@ fn q8_family(
     // first `k` are added to `sumf`.
     let group = |sumf: f32, wg: &[u8], ag: &[u8], k: usize| {
         let (wg, ag) = (&wg[..8 * bytes], &ag[..8 * 34]);
-        let s: [__m256i; 8] = std::array::from_fn(|i| {
-            isum(&wg[bytes * i..bytes * (i + 1)], &ag[34 * i..34 * i + 34])
-        });
+        // A plain loop rather than `array::from_fn`, whose closure was not inlined (a call
+        // per block, 3x slower for Q5_0).
+        let mut s = [_mm256_setzero_si256(); 8];
+        for (i, s) in s.iter_mut().enumerate() {
+            *s = isum(&wg[bytes * i..bytes * (i + 1)], &ag[34 * i..34 * i + 34]);
+        }
         let sumi = _mm256_sra_epi32(reduce8(s), _mm_cvtsi32_si128(shift));
         // SAFETY: this closure runs inside this function, whose features f16x8 needs.
         let (dx, dy) = unsafe { (f16x8(wg, bytes), f16x8(ag, 34)) };
@@ -514,7 +522,12 @@ fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
             _mm256_cvtepi8_epi16(ld128(y, 18)),
         );
         let sumi = hsum_i32(_mm256_add_epi32(p0, p1));
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+        // dx · dy: both f16 scales converted by one VCVTPH2PS (exact), then one f32 multiply.
+        let h = u16::from_le_bytes([x[0], x[1]]) as i32
+            | (u16::from_le_bytes([y[0], y[1]]) as i32) << 16;
+        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+        let d = _mm_cvtss_f32(_mm_mul_ss(d, _mm_movehdup_ps(d)));
+        sumf += sumi as f32 * d;
     }
     sumf
 }
