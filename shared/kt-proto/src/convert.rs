@@ -98,13 +98,7 @@ pub fn write_values(values: &[f32], dtype: WireDType, out: &mut [u8]) {
             let n = src.len().min(out.len());
             out[..n].copy_from_slice(&src[..n]);
         }
-        WireDType::Bf16 => {
-            let values = &values[..values.len().min(out.len() / 2)];
-            let _ = values::to_bf16_bytes::<()>(values, |off, b| {
-                out[off..off + b.len()].copy_from_slice(b);
-                Ok(())
-            });
-        }
+        WireDType::Bf16 => values::to_bf16_bytes(values, out),
     }
 }
 
@@ -120,10 +114,7 @@ pub fn read_values(bytes: &[u8], dtype: WireDType) -> Vec<f32> {
         }
         WireDType::Bf16 => {
             let mut out = Vec::new();
-            let _ = values::extend_from_bf16_bytes::<()>(&mut out, count, |off, b| {
-                b.copy_from_slice(&bytes[off..off + b.len()]);
-                Ok(())
-            });
+            values::extend_from_bf16_bytes(&mut out, bytes);
             out
         }
     }
@@ -250,6 +241,7 @@ pub fn decode_request(
             k,
             dtype,
             hidden,
+            hidden_finite: false,
             ids: req.expert_ids.clone(),
             weights: req.expert_weights.clone(),
         },
@@ -294,13 +286,16 @@ pub struct CallParts {
     pub k: usize,
     pub dtype: WireDType,
     pub hidden: Vec<f32>,
+    /// Whether the decoder already found every `hidden` value finite (bf16 decoding checks
+    /// as it converts); otherwise [`finish_call`] checks.
+    pub hidden_finite: bool,
     pub ids: Vec<u32>,
     pub weights: Vec<f32>,
 }
 
 /// The transport-independent checks of a call; the answer is the validated [`ExpertCall`].
 pub fn finish_call(p: CallParts, shape: &SeamShape) -> Result<ExpertCall, WireError> {
-    let CallParts { request_id, layer, n, k, dtype, hidden, ids, weights } = p;
+    let CallParts { request_id, layer, n, k, dtype, hidden, hidden_finite, ids, weights } = p;
     if hidden.len() != n.saturating_mul(shape.hidden) {
         return Err(invalid(
             "hidden",
@@ -329,8 +324,10 @@ pub fn finish_call(p: CallParts, shape: &SeamShape) -> Result<ExpertCall, WireEr
     if let Some(w) = values::first_non_finite(&weights) {
         return Err(invalid("expert_weights", format!("{w} is not finite")));
     }
-    if let Some(v) = values::first_non_finite(&hidden) {
-        return Err(invalid("hidden", format!("{v} is not finite")));
+    if !hidden_finite {
+        if let Some(v) = values::first_non_finite(&hidden) {
+            return Err(invalid("hidden", format!("{v} is not finite")));
+        }
     }
     Ok(ExpertCall { request_id, layer, hidden, n, dtype, routing: Routing { k, ids, weights } })
 }

@@ -495,10 +495,15 @@ impl Ring {
         Ok(())
     }
 
-    /// Reads `count` elements of `dtype` at `off` out of the mapping as f32, copied straight
-    /// into the answer (bf16 through a small stack buffer), never through a reference into
-    /// the shared bytes.
-    fn read_f32s(&self, off: usize, count: usize, dtype: WireDType) -> Result<Vec<f32>, ShmError> {
+    /// Reads `count` elements of `dtype` at `off` out of the mapping as f32, converted
+    /// straight into the answer through the raw pointer (never a reference into the shared
+    /// bytes), and whether they are all finite.
+    fn read_f32s(
+        &self,
+        off: usize,
+        count: usize,
+        dtype: WireDType,
+    ) -> Result<(Vec<f32>, bool), ShmError> {
         let bytes = count.checked_mul(dtype.size());
         if bytes.and_then(|b| off.checked_add(b)).is_none_or(|end| end > self.len) {
             return Err(ShmError::Corrupt(format!("{count} values at {off} pass the end")));
@@ -507,14 +512,16 @@ impl Ring {
             WireDType::F32 => {
                 let mut out = vec![0.0f32; count];
                 self.copy_out(off, values::f32_bytes_mut(&mut out))?;
-                Ok(out)
+                let finite = values::all_finite(&out);
+                Ok((out, finite))
             }
             WireDType::Bf16 => {
                 let mut out = Vec::new();
-                values::extend_from_bf16_bytes(&mut out, count, |at, b| {
-                    self.copy_out(off + at, b)
-                })?;
-                Ok(out)
+                // SAFETY: the `2 × count` bytes at `off` lie inside the mapping (checked
+                // above); they are only read through the pointer.
+                let finite =
+                    unsafe { values::extend_from_bf16_raw(&mut out, self.ptr.add(off), count) };
+                Ok((out, finite))
             }
         }
     }
@@ -527,7 +534,12 @@ impl Ring {
         }
         match dtype {
             WireDType::F32 => self.copy_in(off, values::f32_bytes(values)),
-            WireDType::Bf16 => values::to_bf16_bytes(values, |at, b| self.copy_in(off + at, b)),
+            WireDType::Bf16 => {
+                // SAFETY: the `2 × values.len()` bytes at `off` lie inside the mapping, which
+                // is writable (checked above); they are only written through the pointer.
+                unsafe { values::f32_to_bf16_raw(values, self.ptr.add(off)) };
+                Ok(())
+            }
         }
     }
 
@@ -691,9 +703,9 @@ impl Ring {
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let weights = read_values(&small[nk * 4..nk * 8], WireDType::F32);
-        let hidden =
+        let (hidden, hidden_finite) =
             self.read_f32s(base + SLOT_HEADER + h_off, n * shape.hidden, dtype).map_err(payload)?;
-        Ok(CallParts { request_id: 0, layer, n, k, dtype, hidden, ids, weights })
+        Ok(CallParts { request_id: 0, layer, n, k, dtype, hidden, hidden_finite, ids, weights })
     }
 
     /// Server: answers the request in `slot` (state [`TAKEN`]) with `output` (`n × hidden`
@@ -772,8 +784,9 @@ impl Ring {
                     "answer of {len} bytes for {n} tokens of hidden {hidden} ({want} expected)"
                 )));
             }
-            let values = self.read_f32s(base + SLOT_HEADER, n * hidden, dtype)?;
-            if let Some(v) = values::first_non_finite(&values) {
+            let (values, finite) = self.read_f32s(base + SLOT_HEADER, n * hidden, dtype)?;
+            if !finite {
+                let v = values.iter().find(|x| !x.is_finite()).copied().unwrap_or(f32::NAN);
                 return Err(ShmError::Corrupt(format!("answer holds {v}")));
             }
             Ok(values)

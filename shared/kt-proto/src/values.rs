@@ -1,9 +1,11 @@
 //! Activation values on the wire: f32 ↔ bf16 conversion and the finiteness check, over whole
-//! slices. They run on every expert-seam hop, four conversions and two checks per call, so
-//! they are written to vectorize: branch-free element functions in plain loops, compiled once
-//! for the baseline target and once with AVX2 (chosen at run time; the same binary runs on
-//! any x86-64). The element functions are the reference; tests compare the slice functions
-//! with them on every path this CPU has.
+//! slices. They run on every expert-seam hop, four conversions per call, so they are written
+//! to vectorize: branch-free element functions in plain loops, compiled for the baseline
+//! target, AVX2 and AVX-512, plus AVX512-BF16's conversion instruction (the widest this CPU
+//! has is chosen at run time; the same binary runs on any x86-64). They convert straight
+//! between a slice and wire bytes behind a raw pointer — no staging copy, and no reference
+//! into a shared mapping — and decoding bf16 checks finiteness as it goes. The element
+//! functions are the reference; tests compare every version this CPU runs with them.
 
 /// `v` rounded to bfloat16 (nearest, ties to even), as bits. Branch-free so that loops over
 /// it vectorize; NaN stays NaN (activations are checked for finiteness anyway), overflow
@@ -26,18 +28,37 @@ pub fn bf16_value(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
+// Wire bytes are little-endian; the conversions below write and read them as native u16
+// and f32, which are the same bytes only on such targets.
+#[cfg(not(target_endian = "little"))]
+compile_error!("kt's wire conversions assume a little-endian target");
+
+/// `src` as bf16 bits at `dst`.
+///
+/// # Safety
+/// `dst` is valid for writes of `src.len()` u16 (any alignment).
 #[inline(always)]
-fn to_bf16_loop(src: &[f32], out: &mut [u16]) {
-    for (o, v) in out.iter_mut().zip(src) {
-        *o = bf16_bits(*v);
+unsafe fn to_bf16_loop(src: &[f32], dst: *mut u16) {
+    for (i, v) in src.iter().enumerate() {
+        // SAFETY: `i < src.len()`, within what the caller vouches for.
+        unsafe { dst.add(i).write_unaligned(bf16_bits(*v)) };
     }
 }
 
+/// The f32 values of the bf16 bits at `src` into `out`; whether all of them are finite.
+///
+/// # Safety
+/// `src` is valid for reads of `out.len()` u16 (any alignment).
 #[inline(always)]
-fn from_bf16_loop(src: &[u16], out: &mut [f32]) {
-    for (o, b) in out.iter_mut().zip(src) {
-        *o = bf16_value(*b);
+unsafe fn from_bf16_loop(src: *const u16, out: &mut [MaybeUninit<f32>]) -> bool {
+    let mut bad = 0u16;
+    for (i, o) in out.iter_mut().enumerate() {
+        // SAFETY: `i < out.len()`, within what the caller vouches for.
+        let b = unsafe { src.add(i).read_unaligned() };
+        bad |= u16::from(b & 0x7f80 == 0x7f80);
+        o.write(bf16_value(b));
     }
+    bad == 0
 }
 
 /// Whether every value is finite, in blocks without an early exit (so the block vectorizes).
@@ -46,66 +67,182 @@ fn finite_loop(v: &[f32]) -> bool {
     v.chunks(256).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from(!x.is_finite())) == 0)
 }
 
+/// The loops compiled for AVX2, and again for AVX-512 (16 lanes; BW for the 16-bit lanes).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    #[target_feature(enable = "avx2")]
-    pub(super) fn to_bf16(src: &[f32], out: &mut [u16]) {
-        super::to_bf16_loop(src, out);
-    }
+macro_rules! compiled_for {
+    ($name:ident, $features:literal) => {
+        mod $name {
+            use std::mem::MaybeUninit;
 
-    #[target_feature(enable = "avx2")]
-    pub(super) fn from_bf16(src: &[u16], out: &mut [f32]) {
-        super::from_bf16_loop(src, out);
-    }
+            /// # Safety
+            /// The CPU has the features; as [`super::to_bf16_loop`].
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn to_bf16(src: &[f32], dst: *mut u16) {
+                // SAFETY: as the caller vouches.
+                unsafe { super::to_bf16_loop(src, dst) }
+            }
 
-    #[target_feature(enable = "avx2")]
-    pub(super) fn finite(v: &[f32]) -> bool {
-        super::finite_loop(v)
+            /// # Safety
+            /// The CPU has the features; as [`super::from_bf16_loop`].
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn from_bf16(src: *const u16, out: &mut [MaybeUninit<f32>]) -> bool {
+                // SAFETY: as the caller vouches.
+                unsafe { super::from_bf16_loop(src, out) }
+            }
+
+            #[target_feature(enable = $features)]
+            pub(super) fn finite(v: &[f32]) -> bool {
+                super::finite_loop(v)
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+compiled_for!(avx2, "avx2");
+#[cfg(target_arch = "x86_64")]
+compiled_for!(avx512, "avx512f,avx512bw");
+
+/// f32 → bf16 with AVX512-BF16's conversion instruction (`VCVTNEPS2BF16`: nearest, ties to
+/// even, NaN quieted by setting bit 6 — the element function's bits), except that the
+/// instruction flushes subnormal inputs to zero: a vector holding one is converted by the
+/// element function instead.
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and BF16; as [`super::to_bf16_loop`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn to_bf16(src: &[f32], dst: *mut u16) {
+        let exponent = _mm512_set1_epi32(0x7f80_0000);
+        let mantissa = _mm512_set1_epi32(0x007f_ffff);
+        let mut chunks = src.chunks_exact(16);
+        for (i, s) in (&mut chunks).enumerate() {
+            // SAFETY: `s` holds 16 f32; the 16 u16 at `dst + 16 i` are within what the caller
+            // vouches for (unaligned loads and stores).
+            unsafe {
+                let v = _mm512_loadu_ps(s.as_ptr());
+                let bits = _mm512_castps_si512(v);
+                let subnormal = _mm512_testn_epi32_mask(bits, exponent)
+                    & _mm512_test_epi32_mask(bits, mantissa);
+                if subnormal == 0 {
+                    let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                    _mm256_storeu_si256(dst.add(i * 16).cast(), b);
+                } else {
+                    super::to_bf16_loop(s, dst.add(i * 16));
+                }
+            }
+        }
+        let done = src.len() - chunks.remainder().len();
+        // SAFETY: the tail, within what the caller vouches for.
+        unsafe { super::to_bf16_loop(chunks.remainder(), dst.add(done)) };
     }
 }
 
-/// Whether the AVX2 versions run (detected once by std, then a relaxed load); `KT_ISA=scalar`
-/// does not apply here: both versions compute the same bits.
+/// The widest version this CPU runs (detected once by std, then relaxed loads); `KT_ISA`
+/// does not apply here: every version computes the same bits.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Width {
+    Baseline,
+    Avx2,
+    Avx512,
+    /// AVX-512 with BF16 (its f32 → bf16 instruction).
+    Avx512Bf16,
+}
+
 #[inline]
-fn use_avx2() -> bool {
+fn width() -> Width {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                return Width::Avx512Bf16;
+            }
+            return Width::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Width::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    Width::Baseline
+}
+
+/// Writes `src` as bf16 wire bytes (2 per value, little-endian) at `dst`, written only
+/// through the pointer: `dst` may be memory another process maps, to which no reference is
+/// ever formed.
+///
+/// # Safety
+/// `dst` is valid for writes of `2 × src.len()` bytes (any alignment).
+pub unsafe fn f32_to_bf16_raw(src: &[f32], dst: *mut u8) {
+    let dst = dst.cast::<u16>();
+    // SAFETY: in every arm, the features were detected on this CPU; `dst` as the caller vouches.
+    unsafe {
+        match width() {
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512Bf16 => avx512bf16::to_bf16(src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 => avx512::to_bf16(src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => avx2::to_bf16(src, dst),
+            _ => to_bf16_loop(src, dst),
+        }
     }
 }
 
-/// Writes `src` as bf16 bits into `out` (the shorter of the two sets the count).
-pub fn f32_to_bf16(src: &[f32], out: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: AVX2 was detected on this CPU.
-        return unsafe { avx2::to_bf16(src, out) };
-    }
-    to_bf16_loop(src, out);
+/// Appends the f32 values of the `count` bf16 wire elements at `src` to `out`, read only
+/// through the pointer (see [`f32_to_bf16_raw`]); whether all of them are finite.
+///
+/// # Safety
+/// `src` is valid for reads of `2 × count` bytes (any alignment).
+pub unsafe fn extend_from_bf16_raw(out: &mut Vec<f32>, src: *const u8, count: usize) -> bool {
+    out.reserve(count);
+    let len = out.len();
+    let spare = &mut out.spare_capacity_mut()[..count];
+    let src = src.cast::<u16>();
+    // SAFETY: in every arm, the features were detected on this CPU; `src` as the caller vouches.
+    let finite = unsafe {
+        match width() {
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 | Width::Avx512Bf16 => avx512::from_bf16(src, spare),
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => avx2::from_bf16(src, spare),
+            _ => from_bf16_loop(src, spare),
+        }
+    };
+    // SAFETY: the `count` values after `len` were just written.
+    unsafe { out.set_len(len + count) };
+    finite
 }
 
-/// Writes the f32 values of bf16 bits `src` into `out` (the shorter of the two sets the count).
-pub fn bf16_to_f32(src: &[u16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: AVX2 was detected on this CPU.
-        return unsafe { avx2::from_bf16(src, out) };
-    }
-    from_bf16_loop(src, out);
+/// `src` as bf16 wire bytes into `out` (as many values as fit).
+pub fn to_bf16_bytes(src: &[f32], out: &mut [u8]) {
+    let src = &src[..src.len().min(out.len() / 2)];
+    // SAFETY: `out` holds at least `2 × src.len()` bytes.
+    unsafe { f32_to_bf16_raw(src, out.as_mut_ptr()) }
+}
+
+/// Appends the f32 values of bf16 wire `bytes` to `out` (a trailing odd byte is ignored);
+/// whether all of them are finite.
+pub fn extend_from_bf16_bytes(out: &mut Vec<f32>, bytes: &[u8]) -> bool {
+    // SAFETY: `bytes` holds `2 × (len / 2)` bytes.
+    unsafe { extend_from_bf16_raw(out, bytes.as_ptr(), bytes.len() / 2) }
 }
 
 /// Whether every value of `v` is finite (no NaN, no infinity).
 pub fn all_finite(v: &[f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: AVX2 was detected on this CPU.
-        return unsafe { avx2::finite(v) };
+    // SAFETY: in every arm, the features were detected on this CPU.
+    unsafe {
+        match width() {
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 | Width::Avx512Bf16 => avx512::finite(v),
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => avx2::finite(v),
+            _ => finite_loop(v),
+        }
     }
-    finite_loop(v)
 }
 
 /// The first value of `v` that is not finite, if any (a fast check first, the search only
@@ -116,63 +253,6 @@ pub fn first_non_finite(v: &[f32]) -> Option<f32> {
     } else {
         v.iter().copied().find(|x| !x.is_finite())
     }
-}
-
-// Wire bytes are little-endian; the byte views below are the values only on such targets.
-#[cfg(not(target_endian = "little"))]
-compile_error!("kt's wire conversions assume a little-endian target");
-
-/// Elements converted per step between f32 values and wire bytes: each step's bf16 bits
-/// pass through a buffer on the stack (in L1), so the bytes can be any slice or a shared
-/// mapping that is only ever copied from or into.
-const STAGE: usize = 1024;
-
-fn bytes_of(v: &[u16]) -> &[u8] {
-    // SAFETY: u8 has alignment 1 and every byte of initialized u16s is initialized; the
-    // length covers exactly the same memory.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
-}
-
-fn bytes_of_mut(v: &mut [u16]) -> &mut [u8] {
-    // SAFETY: as above, and every byte pattern written through the view is a valid u16.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 2) }
-}
-
-/// Converts `src` to bf16 wire bytes step by step, handing each step's bytes and their byte
-/// offset to `put`.
-pub fn to_bf16_bytes<E>(
-    src: &[f32],
-    mut put: impl FnMut(usize, &[u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    let mut stage = [0u16; STAGE];
-    for (i, chunk) in src.chunks(STAGE).enumerate() {
-        let bits = &mut stage[..chunk.len()];
-        f32_to_bf16(chunk, bits);
-        put(i * STAGE * 2, bytes_of(bits))?;
-    }
-    Ok(())
-}
-
-/// Appends the f32 values of `count` bf16 wire elements to `out`, fetched step by step by
-/// `get(byte offset, buffer)` (no zero-filling of `out` first).
-pub fn extend_from_bf16_bytes<E>(
-    out: &mut Vec<f32>,
-    count: usize,
-    mut get: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
-) -> Result<(), E> {
-    out.reserve(count);
-    let mut stage = [0u16; STAGE];
-    let mut values = [0f32; STAGE];
-    let mut done = 0;
-    while done < count {
-        let step = (count - done).min(STAGE);
-        let bits = &mut stage[..step];
-        get(done * 2, bytes_of_mut(bits))?;
-        bf16_to_f32(bits, &mut values[..step]);
-        out.extend_from_slice(&values[..step]);
-        done += step;
-    }
-    Ok(())
 }
 
 /// The wire bytes of f32 values (little-endian: the values' own bytes).
@@ -186,6 +266,8 @@ pub fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
     // SAFETY: as above; every bit pattern is a valid f32.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 4) }
 }
+
+use std::mem::MaybeUninit;
 
 #[cfg(test)]
 mod tests {
@@ -205,57 +287,111 @@ mod tests {
         out
     }
 
+    type To = unsafe fn(&[f32], *mut u16);
+    type From = unsafe fn(*const u16, &mut [MaybeUninit<f32>]) -> bool;
+    type Finite = fn(&[f32]) -> bool;
+
+    /// Every compiled version this CPU runs, by name.
+    fn versions() -> Vec<(&'static str, To, From, Finite)> {
+        let mut v: Vec<(&'static str, To, From, Finite)> =
+            vec![("baseline", to_bf16_loop, from_bf16_loop, finite_loop)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: called only when AVX2 was detected.
+                let fin: Finite = |a| unsafe { avx2::finite(a) };
+                v.push(("avx2", avx2::to_bf16, avx2::from_bf16, fin));
+            }
+            if matches!(width(), Width::Avx512 | Width::Avx512Bf16) {
+                // SAFETY: called only when AVX-512 F and BW were detected.
+                let fin: Finite = |a| unsafe { avx512::finite(a) };
+                v.push(("avx512", avx512::to_bf16, avx512::from_bf16, fin));
+                if width() == Width::Avx512Bf16 {
+                    v.push(("avx512bf16", avx512bf16::to_bf16, avx512::from_bf16, fin));
+                }
+            }
+        }
+        v
+    }
+
+    /// Every version gives the element functions' bits (and `half`'s), converting and
+    /// checking finiteness, at lengths that exercise vector bodies and tails.
     #[test]
-    fn slices_match_the_element_functions() {
-        let v = values(10_007);
-        let mut bits = vec![0u16; v.len()];
-        f32_to_bf16(&v, &mut bits);
-        let mut scalar = vec![0u16; v.len()];
-        to_bf16_loop(&v, &mut scalar);
-        for ((b, s), x) in bits.iter().zip(&scalar).zip(&v) {
-            assert_eq!(b, s);
+    fn every_version_matches_the_element_functions() {
+        let v = values(4099);
+        let want: Vec<u16> = v.iter().map(|x| bf16_bits(*x)).collect();
+        for (b, x) in want.iter().zip(&v) {
             if x.is_nan() {
                 assert!(bf16_value(*b).is_nan());
             } else {
                 assert_eq!(*b, half::bf16::from_f32(*x).to_bits(), "{x:e}");
             }
         }
-        let mut back = vec![0.0f32; bits.len()];
-        bf16_to_f32(&bits, &mut back);
-        for (y, b) in back.iter().zip(&bits) {
-            assert_eq!(y.to_bits(), half::bf16::from_bits(*b).to_f32().to_bits());
+        // Finite, also as bf16 (values near f32::MAX round to infinity).
+        let finite: Vec<f32> =
+            v.iter().copied().filter(|x| bf16_value(bf16_bits(*x)).is_finite()).collect();
+        let finite_bits: Vec<u16> = finite.iter().map(|x| bf16_bits(*x)).collect();
+        let names: Vec<&str> = versions().iter().map(|v| v.0).collect();
+        eprintln!("versions run: {names:?}");
+        for (name, to, from, fin) in versions() {
+            for len in [0, 1, 15, 16, 17, 1023, v.len()] {
+                let mut bits = vec![0u16; len];
+                // SAFETY: `bits` holds `len` u16; the features were detected.
+                unsafe { to(&v[..len], bits.as_mut_ptr()) };
+                assert_eq!(bits, want[..len], "{name} to_bf16, {len} values");
+                let mut back = vec![MaybeUninit::uninit(); len];
+                // SAFETY: `want` holds at least `len` u16.
+                let all = unsafe { from(want.as_ptr(), &mut back) };
+                for (y, b) in back.iter().zip(&want) {
+                    // SAFETY: every element was written.
+                    let y = unsafe { y.assume_init() };
+                    assert_eq!(y.to_bits(), half::bf16::from_bits(*b).to_f32().to_bits(), "{name}");
+                }
+                let expect = want[..len].iter().all(|b| bf16_value(*b).is_finite());
+                assert_eq!(all, expect, "{name} from_bf16 finiteness, {len} values");
+            }
+            assert!(fin(&finite), "{name}");
+            let mut out = vec![MaybeUninit::uninit(); finite_bits.len()];
+            // SAFETY: as above.
+            assert!(unsafe { from(finite_bits.as_ptr(), &mut out) }, "{name}");
+            for at in [0, 16, finite.len() - 1] {
+                let mut bad = finite.clone();
+                bad[at] = f32::NAN;
+                assert!(!fin(&bad), "{name}: NaN at {at}");
+                let mut bits = finite_bits.clone();
+                bits[at] = 0xff80; // -inf
+                                   // SAFETY: as above.
+                assert!(!unsafe { from(bits.as_ptr(), &mut out) }, "{name}: -inf at {at}");
+            }
         }
     }
 
     #[test]
-    fn staged_bytes_round_trip() {
-        let v: Vec<f32> = values(3 * STAGE + 17).into_iter().filter(|x| !x.is_nan()).collect();
-        let mut wire = vec![0u8; v.len() * 2];
-        to_bf16_bytes::<()>(&v, |off, b| {
-            wire[off..off + b.len()].copy_from_slice(b);
-            Ok(())
-        })
-        .unwrap();
-        for (c, x) in wire.chunks_exact(2).zip(&v) {
+    fn wire_bytes_round_trip_at_any_alignment() {
+        let v: Vec<f32> =
+            values(3000).into_iter().filter(|x| bf16_value(bf16_bits(*x)).is_finite()).collect();
+        // One byte in: the wire bytes of a message need not be aligned for u16.
+        let mut wire = vec![0u8; v.len() * 2 + 1];
+        to_bf16_bytes(&v, &mut wire[1..]);
+        for (c, x) in wire[1..].chunks_exact(2).zip(&v) {
             assert_eq!(u16::from_le_bytes([c[0], c[1]]), half::bf16::from_f32(*x).to_bits());
         }
-        let mut back = Vec::new();
-        extend_from_bf16_bytes::<()>(&mut back, v.len(), |off, b| {
-            b.copy_from_slice(&wire[off..off + b.len()]);
-            Ok(())
-        })
-        .unwrap();
-        for (y, x) in back.iter().zip(&v) {
+        let mut back = vec![7.0f32];
+        assert!(extend_from_bf16_bytes(&mut back, &wire[1..]));
+        assert_eq!(back.len(), v.len() + 1);
+        assert_eq!(back[0], 7.0);
+        for (y, x) in back[1..].iter().zip(&v) {
             assert_eq!(y.to_bits(), half::bf16::from_f32(*x).to_f32().to_bits());
         }
-        let mut appended = vec![7.0f32];
-        extend_from_bf16_bytes::<()>(&mut appended, v.len(), |off, b| {
-            b.copy_from_slice(&wire[off..off + b.len()]);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(appended[0], 7.0);
-        assert!(appended[1..].iter().zip(&back).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // A short output takes what fits; a trailing odd byte is ignored.
+        let mut short = [0u8; 5];
+        to_bf16_bytes(&[1.0, 2.0, 3.0], &mut short);
+        assert_eq!(short[..4], [0x80, 0x3f, 0x00, 0x40]);
+        let mut two = Vec::new();
+        assert!(extend_from_bf16_bytes(&mut two, &short));
+        assert_eq!(two, [1.0, 2.0]);
+        wire[1..3].copy_from_slice(&0x7fc0u16.to_le_bytes()); // NaN
+        assert!(!extend_from_bf16_bytes(&mut Vec::new(), &wire[1..]));
         assert_eq!(f32_bytes(&[1.0]), 1.0f32.to_le_bytes());
     }
 
