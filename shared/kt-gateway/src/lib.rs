@@ -58,6 +58,7 @@
 //! call with finish reason `length`.
 
 mod admission;
+pub mod affinity;
 mod api;
 pub mod bench;
 mod engine;

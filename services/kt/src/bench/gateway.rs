@@ -5,9 +5,10 @@
 use std::io::Write;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use kt_gateway::bench::{self, BenchConfig, BenchRow};
+use kt_gateway::affinity::CpuList;
+use kt_gateway::bench::{self, BenchConfig, BenchRow, CpuSplit};
 
 #[derive(Args)]
 pub struct GatewayArgs {
@@ -23,6 +24,15 @@ pub struct GatewayArgs {
     /// Seconds per level.
     #[arg(long, default_value_t = 5.0, env = "KT_BENCH_SECONDS")]
     seconds: f64,
+    /// Run the gateway on a runtime of its own, one thread per CPU, pinned to these CPUs
+    /// (`0,1`, `2-9`, `0-3,8`); needs --load-cpus. Without both, everything shares one runtime
+    /// on all CPUs.
+    #[arg(long, env = "KT_BENCH_GATEWAY_CPUS", requires = "load_cpus")]
+    gateway_cpus: Option<CpuList>,
+    /// Run the sim worker and the clients on a runtime of their own, pinned to these CPUs;
+    /// needs --gateway-cpus.
+    #[arg(long, env = "KT_BENCH_LOAD_CPUS", requires = "gateway_cpus")]
+    load_cpus: Option<CpuList>,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long, env = "KT_BENCH_JSON")]
     json: bool,
@@ -51,13 +61,32 @@ pub fn run(a: GatewayArgs) -> Result<()> {
         duration: Duration::from_secs_f64(a.seconds),
         ..BenchConfig::default()
     };
+    let split = match (a.gateway_cpus, a.load_cpus) {
+        (Some(gateway), Some(load)) => {
+            gateway.check_allowed().context("--gateway-cpus")?;
+            load.check_allowed().context("--load-cpus")?;
+            Some(CpuSplit { gateway, load })
+        }
+        _ => None,
+    };
+    let threads = |n: usize| if n == 1 { "1 thread".to_owned() } else { format!("{n} threads") };
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let placement = match &split {
+        None => format!("sim, gateway and clients share {cpus} CPUs"),
+        Some(s) => format!(
+            "gateway on CPUs {} ({}), sim and clients on CPUs {} ({})",
+            s.gateway,
+            threads(s.gateway.len()),
+            s.load,
+            threads(s.load.len())
+        ),
+    };
     let mut out = std::io::stdout().lock();
     if !a.json {
         writeln!(
             out,
             "gateway added latency: sim worker at {} ms/token, {} tokens/request, streaming \
-             /v1/chat/completions; sim, gateway and clients share {cpus} CPUs",
+             /v1/chat/completions; {placement}",
             a.token_interval_ms, a.tokens
         )?;
         writeln!(
@@ -77,7 +106,7 @@ pub fn run(a: GatewayArgs) -> Result<()> {
         out.flush()?;
     }
     let json = a.json;
-    let rows = bench::run(&cfg, |r| {
+    let rows = bench::run(&cfg, split.as_ref(), |r| {
         if !json {
             let _ = writeln!(
                 out,
@@ -99,6 +128,8 @@ pub fn run(a: GatewayArgs) -> Result<()> {
     if json {
         let v = serde_json::json!({
             "cpus": cpus, "token_interval_ms": a.token_interval_ms, "tokens": a.tokens,
+            "gateway_cpus": split.as_ref().map(|s| s.gateway.to_string()),
+            "load_cpus": split.as_ref().map(|s| s.load.to_string()),
             "results": rows.iter().map(row_json).collect::<Vec<_>>(),
         });
         writeln!(out, "{v}")?;
