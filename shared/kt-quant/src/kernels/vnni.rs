@@ -233,9 +233,10 @@ fn pair_lanes() -> [__m512i; 2] {
     [lanes(0), lanes(1)]
 }
 
-/// Q8_0, Q4_0 and Q5_0 against Q8_0, one row: `unpack2(x0, x1)` gives the 64 unsigned quants
-/// of two weight blocks (`bytes` long each) in value order, `c` is the offset the format
-/// subtracts (taken out as `c · Σa` with `VPDPBUSD`; Q8_0's weights are flipped by +128).
+/// Q8_0, Q4_0 and Q5_0 against Q8_0, one row: `split2(x0, x1)` gives two weight blocks
+/// (`bytes` long each) as unsigned bytes `(u, o)` in value order with `u − o` their quants
+/// (`o` the offset the format subtracts, taken out as `Σ o a` with `VPDPBUSD`; Q8_0's
+/// weights are flipped by +128).
 ///
 /// Two blocks per register (lanes 0..8 block 2p, lanes 8..16 block 2p + 1): the exact integer
 /// sums of four products per lane, times `dx · dy` (the f16 scales of four blocks converted
@@ -248,21 +249,20 @@ fn q8_family_row(
     w: &[u8],
     a: &[u8],
     bytes: usize,
-    c: i8,
-    unpack2: impl Fn(&[u8], &[u8]) -> __m512i,
+    split2: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
 ) -> f32 {
     let nb = (w.len() / bytes).min(a.len() / 34);
-    let cv = _mm512_set1_epi8(c);
     let idx = pair_lanes();
     let mut acc = [_mm512_setzero_ps(); 2];
     // Pair `p` (blocks 2p, 2p + 1: `x` 2 · bytes, `y` 68 bytes) into accumulator `p % 2`.
     let mut pair = |p: usize, x: &[u8], y: &[u8], d: __m512| {
         let (x, y) = (&x[..2 * bytes], &y[..68]);
         let aq = join(ld256(y, 2), ld256(y, 36));
-        // Σ (u − c) a = Σ u a − c Σ a, four products per lane.
+        // Σ (u − o) a = Σ u a − Σ o a, four products per lane.
+        let (u, o) = split2(x, &x[bytes..]);
         let s = _mm512_sub_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), unpack2(x, &x[bytes..]), aq),
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv, aq),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, aq),
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), o, aq),
         );
         acc[p % 2] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p % 2]);
     };
@@ -293,25 +293,26 @@ fn q8_family_row(
     let mut sumf = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
     if b < nb {
         let (x, y) = (&w[bytes * b..bytes * (b + 1)], &a[34 * b..34 * b + 34]);
-        let xq = _mm512_castsi512_si256(unpack2(x, x));
-        sumf += q8_tail_sumi(xq, y, c) as f32 * (f16_at(x, 0) * f16_at(y, 0));
+        let (u, o) = split2(x, x);
+        let (u, o) = (_mm512_castsi512_si256(u), _mm512_castsi512_si256(o));
+        sumf += tail_sumi(u, o, y) as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
     sumf
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    q8_family_row(w, a, 34, -128, |x0, x1| q8_0_unpack2(x0, x1))
+    q8_family_row(w, a, 34, |x0, x1| (q8_0_unpack2(x0, x1), _mm512_set1_epi8(-128)))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    q8_family_row(w, a, 18, 8, |x0, x1| nibbles64(x0, x1, 2))
+    q8_family_row(w, a, 18, |x0, x1| (nibbles64(x0, x1, 2), _mm512_set1_epi8(8)))
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    q8_family_row(w, a, 22, 16, |x0, x1| q5_0_unpack2(x0, x1))
+    q8_family_row(w, a, 22, |x0, x1| q5_0_split2(x0, x1))
 }
 
 /// The quants of two Q8_0 blocks, offset by +128 (`w ^ 0x80`) to unsigned bytes.
@@ -340,9 +341,26 @@ fn nibbles64(x0: &[u8], x1: &[u8], at: usize) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_unpack2(x0: &[u8], x1: &[u8]) -> __m512i {
     // Bit j of qh is the fifth bit of value j: 16 added to the nibbles whose bit is set.
-    let qh = |x: &[u8]| u32::from_le_bytes([x[2], x[3], x[4], x[5]]) as u64;
     let n = nibbles64(x0, x1, 6);
-    _mm512_mask_add_epi8(n, qh(x0) | qh(x1) << 32, n, _mm512_set1_epi8(16))
+    _mm512_mask_add_epi8(n, q5_0_qh(x0) | q5_0_qh(x1) << 32, n, _mm512_set1_epi8(16))
+}
+
+/// The fifth bits of a Q5_0 block (`x[2..6]`, bit j for value j), read as one 32-bit load.
+#[inline(always)]
+fn q5_0_qh(x: &[u8]) -> u64 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&x[2..6]);
+    u32::from_le_bytes(v) as u64
+}
+
+/// Two Q5_0 blocks as `(u, o)` with `u − o` their quants minus 16 (`q8_family_row`'s form):
+/// `u` the low four bits, `o` 16 where the fifth bit is clear (`q − 16 = nib − 16 (1 − h)`),
+/// one masked move instead of [`q5_0_unpack2`]'s OR and blend.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q5_0_split2(x0: &[u8], x1: &[u8]) -> (__m512i, __m512i) {
+    let o = _mm512_maskz_mov_epi8(!(q5_0_qh(x0) | q5_0_qh(x1) << 32), _mm512_set1_epi8(16));
+    (nibbles64(x0, x1, 6), o)
 }
 
 /// The scales and mins of a Q4_K/Q5_K block (`x[4..16]`), as eight bytes each in one u64
@@ -835,19 +853,17 @@ struct Q8Pair {
     da: __m512,
 }
 
-/// Σ of the 32 products of the last (odd) block, exactly as the single-row kernels' tail.
+/// `Σ (u − o) a` over the 32 quants of the Q8_0 block `y` (exact).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn q8_tail_sumi(xq: __m256i, y: &[u8], c: i8) -> i32 {
-    {
-        let aq = ld256(y, 2);
-        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xq, aq);
-        let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(c), aq);
-        let v = _mm256_sub_epi32(p, q);
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
-    }
+fn tail_sumi(u: __m256i, o: __m256i, y: &[u8]) -> i32 {
+    let aq = ld256(y, 2);
+    let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, aq);
+    let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), o, aq);
+    let v = _mm256_sub_epi32(p, q);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s)))
 }
 
 /// One weight row `x` (`nb` blocks of `bytes`; `unpack2` gives two blocks' 64 quants as
@@ -909,9 +925,10 @@ fn q8_row<const G: usize>(
             let b = nb - 1;
             let xb = &x[bytes * b..bytes * (b + 1)];
             let xq = _mm512_castsi512_si256(unpack2(xb, xb));
+            let cv = _mm256_set1_epi8(c);
             for t in 0..G {
                 let y = &ys[t][34 * b..34 * (b + 1)];
-                out[t] += q8_tail_sumi(xq, y, c) as f32 * (f16_at(xb, 0) * f16_at(y, 0));
+                out[t] += tail_sumi(xq, cv, y) as f32 * (f16_at(xb, 0) * f16_at(y, 0));
             }
         }
         out
