@@ -46,6 +46,10 @@ pub struct BenchConfig {
     pub first_token_delay: Duration,
     /// Wall time per level (clients start new requests until it is over).
     pub duration: Duration,
+    /// Start the clients spread evenly over one request's duration (first-token delay +
+    /// tokens × interval) instead of all at once, so requests arrive steadily rather than in
+    /// waves of N every request's length. The level's wall time includes the spread.
+    pub stagger: bool,
 }
 
 impl Default for BenchConfig {
@@ -56,6 +60,7 @@ impl Default for BenchConfig {
             token_interval: Duration::from_millis(5),
             first_token_delay: Duration::from_millis(0),
             duration: Duration::from_secs(5),
+            stagger: false,
         }
     }
 }
@@ -136,7 +141,13 @@ async fn one_request(
     Some(Seen { rid, sent, arrivals })
 }
 
-async fn client(addr: SocketAddr, id: usize, until: Instant, tokens: u32) -> Vec<Seen> {
+async fn client(
+    addr: SocketAddr,
+    id: usize,
+    start: Instant,
+    until: Instant,
+    tokens: u32,
+) -> Vec<Seen> {
     let mut out = Vec::new();
     let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return out };
     let _ = stream.set_nodelay(true);
@@ -145,6 +156,7 @@ async fn client(addr: SocketAddr, id: usize, until: Instant, tokens: u32) -> Vec
         return out;
     };
     tokio::spawn(conn);
+    tokio::time::sleep_until(start.into()).await;
     let mut k = 0;
     while Instant::now() < until {
         let body = serde_json::json!({
@@ -242,9 +254,22 @@ async fn start_gateway(
     Ok(haddr)
 }
 
-/// `n` clients at once, each on a task of its own, until `until`.
-async fn clients(addr: SocketAddr, n: usize, until: Instant, tokens: u32) -> Vec<Seen> {
-    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(client(addr, i, until, tokens))).collect();
+/// `n` clients, each on a task of its own, the `i`-th starting at `t0 + i × spread / n`,
+/// until `until`.
+async fn clients(
+    addr: SocketAddr,
+    n: usize,
+    spread: Duration,
+    until: Instant,
+    tokens: u32,
+) -> Vec<Seen> {
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let start = t0 + spread.mul_f64(i as f64 / n as f64);
+            tokio::spawn(client(addr, i, start, until, tokens))
+        })
+        .collect();
     futures::future::join_all(tasks).await.into_iter().flatten().flatten().collect()
 }
 
@@ -294,11 +319,17 @@ pub fn run(
         };
         pinned()?;
         // Warm-up: connections, allocator, caches.
-        let _ = clients(haddr, 8, Instant::now() + Duration::from_millis(300), 8).await;
+        let warm = Instant::now() + Duration::from_millis(300);
+        let _ = clients(haddr, 8, Duration::ZERO, warm, 8).await;
+        let spread = if cfg.stagger {
+            cfg.first_token_delay + cfg.token_interval * cfg.tokens
+        } else {
+            Duration::ZERO
+        };
         let mut rows = Vec::new();
         for &n in &cfg.concurrency {
             let t0 = Instant::now();
-            let seen = clients(haddr, n, t0 + cfg.duration, cfg.tokens).await;
+            let seen = clients(haddr, n, spread, t0 + cfg.duration, cfg.tokens).await;
             let wall_s = t0.elapsed().as_secs_f64();
             let row = summarize(&sim, n, seen, wall_s, cfg);
             on_row(&row);

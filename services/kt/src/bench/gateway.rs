@@ -33,6 +33,10 @@ pub struct GatewayArgs {
     /// needs --gateway-cpus.
     #[arg(long, env = "KT_BENCH_LOAD_CPUS", requires = "gateway_cpus")]
     load_cpus: Option<CpuList>,
+    /// Start the clients spread evenly over one request's duration instead of all at once,
+    /// so requests arrive steadily rather than in waves of N.
+    #[arg(long, env = "KT_BENCH_STAGGER")]
+    stagger: bool,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long, env = "KT_BENCH_JSON")]
     json: bool,
@@ -59,6 +63,7 @@ pub fn run(a: GatewayArgs) -> Result<()> {
         tokens: a.tokens,
         token_interval: Duration::from_secs_f64(a.token_interval_ms / 1e3),
         duration: Duration::from_secs_f64(a.seconds),
+        stagger: a.stagger,
         ..BenchConfig::default()
     };
     let split = match (a.gateway_cpus, a.load_cpus) {
@@ -86,8 +91,10 @@ pub fn run(a: GatewayArgs) -> Result<()> {
         writeln!(
             out,
             "gateway added latency: sim worker at {} ms/token, {} tokens/request, streaming \
-             /v1/chat/completions; {placement}",
-            a.token_interval_ms, a.tokens
+             /v1/chat/completions, clients starting {}; {placement}",
+            a.token_interval_ms,
+            a.tokens,
+            if a.stagger { "spread over one request's duration" } else { "together" }
         )?;
         writeln!(
             out,
@@ -128,6 +135,7 @@ pub fn run(a: GatewayArgs) -> Result<()> {
     if json {
         let v = serde_json::json!({
             "cpus": cpus, "token_interval_ms": a.token_interval_ms, "tokens": a.tokens,
+            "stagger": a.stagger,
             "gateway_cpus": split.as_ref().map(|s| s.gateway.to_string()),
             "load_cpus": split.as_ref().map(|s| s.load.to_string()),
             "results": rows.iter().map(row_json).collect::<Vec<_>>(),
