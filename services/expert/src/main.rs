@@ -25,6 +25,7 @@ mod env {
     pub const NO_SHM: &str = "KT_EXPERT_NO_SHM";
     pub const MAX_MESSAGE_BYTES: &str = "KT_EXPERT_MAX_MESSAGE_BYTES";
     pub const MAX_TOKENS: &str = "KT_EXPERT_MAX_TOKENS";
+    pub const ANSWER_SPIN_US: &str = "KT_EXPERT_ANSWER_SPIN_US";
 }
 
 #[derive(Parser, Debug)]
@@ -60,6 +61,11 @@ struct Args {
     /// Compute threads (default: the NUMA node's CPUs, or all CPUs).
     #[arg(long, env = env::THREADS)]
     threads: Option<usize>,
+    /// A gRPC call waits for its answer awake (its I/O thread kept from sleeping, which saves
+    /// a wake-up per call) for up to this many µs, while recent calls computed within it;
+    /// longer computations are awaited asleep. 0 = always asleep.
+    #[arg(long, env = env::ANSWER_SPIN_US, default_value_t = 50)]
+    answer_spin_us: u64,
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 0.0.0.0:9161; port 0
     /// picks one (printed on stdout as `metrics on ADDR`).
     #[arg(long, env = env::METRICS)]
@@ -108,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         name: args.name.clone(),
         numa: args.numa,
         threads: args.threads,
+        answer_spin: std::time::Duration::from_micros(args.answer_spin_us),
         shm_dir: (!args.no_shm).then(|| args.shm_dir.clone()),
         mode: match args.matmul {
             Matmul::F32 => kt_models::MatmulMode::F32,

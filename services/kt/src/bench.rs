@@ -68,6 +68,10 @@ struct TransportArgs {
     /// once).
     #[arg(long, default_value_t = 0, env = "KT_BENCH_SHM_SPIN_US")]
     shm_spin_us: u64,
+    /// How long the server's gRPC call task waits for a short computation awake, µs (0 =
+    /// always asleep; see kt-expert --answer-spin-us).
+    #[arg(long, default_value_t = 50, env = "KT_BENCH_ANSWER_SPIN_US")]
+    answer_spin_us: u64,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long, env = "KT_BENCH_JSON")]
     json: bool,
@@ -101,6 +105,7 @@ fn transport(a: TransportArgs) -> Result<()> {
         top_k: a.top_k,
         shm_dir: a.shm_dir,
         shm_spin: std::time::Duration::from_micros(a.shm_spin_us),
+        answer_spin: std::time::Duration::from_micros(a.answer_spin_us),
         ..BenchConfig::default()
     };
     let transports = a

@@ -79,6 +79,8 @@ pub struct BenchConfig {
     pub shm_dir: std::path::PathBuf,
     /// How long either side of the ring spins before backing off.
     pub shm_spin: std::time::Duration,
+    /// The server's [`ServerOptions::answer_spin`].
+    pub answer_spin: std::time::Duration,
 }
 
 impl Default for BenchConfig {
@@ -92,6 +94,7 @@ impl Default for BenchConfig {
             n_experts: 256,
             shm_dir: crate::DEFAULT_SHM_DIR.into(),
             shm_spin: std::time::Duration::ZERO,
+            answer_spin: crate::DEFAULT_ANSWER_SPIN,
         }
     }
 }
@@ -262,6 +265,7 @@ fn pair(
         limits,
         shm_dir: shm.then(|| cfg.shm_dir.clone()),
         shm_spin: cfg.shm_spin,
+        answer_spin: cfg.answer_spin,
         ..ServerOptions::default()
     };
     let service =

@@ -23,7 +23,7 @@ use kt_proto::{
     CONFIG_HASH_HEADER, SHM_RING_HEADER, SHM_STATUS_HEADER,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -57,6 +57,10 @@ pub struct ServerOptions {
     /// (then, after 2 ms without requests, sleeps in 50 µs steps). Default 0: yield at once
     /// (~1 µs where cores are free; an oversubscribed host keeps running its other threads).
     pub shm_spin: Duration,
+    /// How long a gRPC call's task waits for its answer awake (re-polling, its tokio thread
+    /// kept from sleeping, so the answer goes out without a thread wake-up) when recent calls
+    /// computed within it; longer computations are awaited asleep. Zero: always asleep.
+    pub answer_spin: Duration,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +73,7 @@ impl Default for ServerOptions {
             mode: MatmulMode::F32,
             shm_dir: Some(PathBuf::from(DEFAULT_SHM_DIR)),
             shm_spin: Duration::ZERO,
+            answer_spin: DEFAULT_ANSWER_SPIN,
         }
     }
 }
@@ -96,7 +101,14 @@ struct Inner {
     rings: Mutex<Rings>,
     /// Whether the poller sleeps (parked) and must be woken for a queued call.
     poller_parked: AtomicBool,
+    /// Recent computation time of a gRPC call, ns (a moving average): decides whether the
+    /// call's task waits for the answer awake (within `answer_spin`).
+    recent_compute_ns: AtomicU64,
+    answer_spin: Duration,
 }
+
+/// [`ServerOptions::answer_spin`]'s default.
+pub const DEFAULT_ANSWER_SPIN: Duration = Duration::from_micros(50);
 
 /// The Expert service; cheap to clone.
 #[derive(Clone)]
@@ -343,6 +355,8 @@ impl ExpertService {
                 rings_made: AtomicU64::new(0),
                 rings: Mutex::new(Rings::default()),
                 poller_parked: AtomicBool::new(false),
+                recent_compute_ns: AtomicU64::new(0),
+                answer_spin: opts.answer_spin,
             }),
         })
     }
@@ -382,7 +396,12 @@ impl Inner {
     }
 
     fn compute(&self, call: ExpertCall, arrived: Instant) -> ExpertResponse {
-        let result = match self.run(&call, Via::Grpc, arrived) {
+        let started = Instant::now();
+        let result = self.run(&call, Via::Grpc, arrived);
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let avg = self.recent_compute_ns.load(Ordering::Relaxed);
+        self.recent_compute_ns.store(avg - avg / 8 + took / 8, Ordering::Relaxed);
+        let result = match result {
             Ok(out) => expert_response::Result::Output(encode_tensor_f32(
                 &out,
                 &[call.n, self.shape.hidden],
@@ -611,6 +630,20 @@ impl Drop for RingGuard {
     }
 }
 
+/// The answer of a call computing on the pool: re-polled (the task yields between looks, so
+/// its thread stays awake) for `spin`, then awaited asleep. `None` if the job was dropped.
+async fn wait_answer<T>(mut answer: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < spin {
+        match answer.try_recv() {
+            Ok(v) => return Some(v),
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+            Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
+        }
+    }
+    answer.await.ok()
+}
+
 #[tonic::async_trait]
 impl Expert for ExpertService {
     type ForwardStream = ReceiverStream<Result<ExpertResponse, Status>>;
@@ -685,11 +718,25 @@ impl Expert for ExpertService {
                     }
                 };
                 let Ok(permit) = inner.in_flight.clone().acquire_owned().await else { break };
-                let (inner2, tx2) = (inner.clone(), tx.clone());
+                let (done, answer) = oneshot::channel();
+                let inner2 = inner.clone();
                 inner.spawn_call(move || {
                     let resp = inner2.compute(call, arrived);
                     drop(permit);
-                    let _ = tx2.blocking_send(Ok(resp));
+                    let _ = done.send(resp);
+                });
+                let spin = if inner.recent_compute_ns.load(Ordering::Relaxed)
+                    < inner.answer_spin.as_nanos() as u64
+                {
+                    inner.answer_spin
+                } else {
+                    Duration::ZERO
+                };
+                let tx2 = tx.clone();
+                tokio::spawn(async move {
+                    if let Some(resp) = wait_answer(answer, spin).await {
+                        let _ = tx2.send(Ok(resp)).await;
+                    }
                 });
             }
             inner.metrics.streams(-1);
