@@ -19,8 +19,15 @@
 //!
 //! Unsigned × signed: VPDPBUSD multiplies unsigned bytes by signed ones. Q4_K/Q5_K/Q6_K
 //! weights are stored unsigned (Q6_K's `q - 32` offset is applied through the activations'
-//! block sums; Q4_0/Q5_0's `q - 8`/`q - 16` through `c · Σa`, computed with VPDPBUSD too); Q8_0 and IQ4_XS weights are signed, so they are offset by +128 (`w ^ 0x80`)
-//! and `128 · Σa` is subtracted, which is exact for every byte value (-128 included).
+//! block sums; Q4_0/Q5_0's `q - 8`/`q - 16` through `c · Σa`, computed with VPDPBUSD too, or
+//! for Q5_0's single row as `nib − 16 (1 − h)`); Q8_0 and IQ4_XS weights are signed, so they
+//! are offset by +128 (`w ^ 0x80`) and `128 · Σa` is subtracted, which is exact for every byte
+//! value (-128 included).
+//!
+//! Q8_0-family single rows (the 1-token decode path of the MoE down projections): two blocks
+//! per 512-bit register, the f16 scales of four blocks gathered with integer loads and
+//! converted by one `VCVTPH2PS` (per-block `half` calls, or `VPINSRW` gathers that compete
+//! with the permutes for Intel's port 5, were slower), two FMA accumulators.
 //!
 //! Q8_K block sums: the K-quant kernels here take `Σa` per 16 values from the activations'
 //! `bsums` (as ggml's SIMD kernels do), which every Q8_K quantizer writes as the sums of the
