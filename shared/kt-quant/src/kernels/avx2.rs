@@ -421,115 +421,73 @@ fn q6_k_dot(src: &[u8], x: &[f32]) -> f32 {
 // vec_dot (bit-exact with the scalar kernels)
 // ---------------------------------------------------------------------------------------------
 
-/// Eight vectors of eight i32 lanes summed lane-wise: lane `i` of the result is the sum of
-/// the lanes of `s[i]` (exact).
+/// The Q8_0-activation `vec_dot`s two blocks at a time, bit-identical to the scalar ones:
+/// `lanes(x, y)` gives a block's exact integer sum in eight i32 lanes; the two blocks' lanes
+/// are reduced together, their four f16 scales converted by one `VCVTPH2PS`, and
+/// `scale(sumi, dx, dy)` applies the scalar kernel's f32 operations to lanes 0 and 1 (one
+/// block each); the products are added to `sumf` one after the other, as the scalar loop does.
+/// (Faster than reducing groups of eight blocks with a transpose: per 1408-value row on Zen 4,
+/// Q8_0 80 -> 63 ns, Q4_0 99 -> 69, Q5_0 125 -> 90.)
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn reduce8(s: [__m256i; 8]) -> __m256i {
-    let t = |a: __m256i, b: __m256i| {
-        _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
-    };
-    let (t01, t23, t45, t67) = (t(s[0], s[1]), t(s[2], s[3]), t(s[4], s[5]), t(s[6], s[7]));
-    let u = |a: __m256i, b: __m256i| {
-        _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
-    };
-    let (u0, u1) = (u(t01, t23), u(t45, t67));
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(u0, u1),
-        _mm256_permute2x128_si256::<0x31>(u0, u1),
-    )
-}
-
-/// The f16 at `b[stride * i..]`, `i` in 0..8, as f32 (exact).
-///
-/// # Safety
-/// The CPU must have F16C (only called from this module's `#[target_feature]` kernels); not
-/// itself a `#[target_feature]` function so that it can be `#[inline(always)]`.
-#[inline(always)]
-unsafe fn f16x8(b: &[u8], stride: usize) -> __m256 {
-    let b = &b[..7 * stride + 2];
-    // Two-byte copies, so that each scale is one 16-bit load.
-    let h = |i: usize| {
-        let mut v = [0u8; 2];
-        v.copy_from_slice(&b[stride * i..stride * i + 2]);
-        u16::from_le_bytes(v) as u64
-    };
-    let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
-    let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
-    // SAFETY: the caller guarantees F16C.
-    unsafe { _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64)) }
-}
-
-/// The Q8_0-activation `vec_dot`s, bit-identical to the scalar ones: blocks in groups of
-/// eight; `isum(x, y)` gives a block's exact integer sum in eight i32 lanes (times `shift`
-/// as a power of two: `1 << shift`), [`reduce8`] turns them into one sum per block, and
-/// `scale(sumi, dx, dy)` applies the scalar kernel's f32 operations to eight blocks at once
-/// (lane by lane, the same IEEE operations in the same order); the products are then added
-/// to `sumf` one block after the other, as the scalar loop does.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q8_family(
+fn q8_pairs(
     w: &[u8],
     a: &[u8],
     bytes: usize,
-    shift: i32,
-    isum: impl Fn(&[u8], &[u8]) -> __m256i,
-    scale: impl Fn(__m256, __m256, __m256) -> __m256,
+    lanes: impl Fn(&[u8], &[u8]) -> __m256i,
+    scale: impl Fn(__m128, __m128, __m128) -> __m128,
 ) -> f32 {
     let nb = (w.len() / bytes).min(a.len() / 34);
-    // Eight blocks: `wg` holds 8 weight blocks, `ag` 8 activation blocks; the products of the
-    // first `k` are added to `sumf`.
-    let group = |sumf: f32, wg: &[u8], ag: &[u8], k: usize| {
-        let (wg, ag) = (&wg[..8 * bytes], &ag[..8 * 34]);
-        // A plain loop rather than `array::from_fn`, whose closure was not inlined (a call
-        // per block, 3x slower for Q5_0).
-        let mut s = [_mm256_setzero_si256(); 8];
-        for (i, s) in s.iter_mut().enumerate() {
-            *s = isum(&wg[bytes * i..bytes * (i + 1)], &ag[34 * i..34 * i + 34]);
-        }
-        let sumi = _mm256_sra_epi32(reduce8(s), _mm_cvtsi32_si128(shift));
-        // SAFETY: this closure runs inside this function, whose features f16x8 needs.
-        let (dx, dy) = unsafe { (f16x8(wg, bytes), f16x8(ag, 34)) };
-        let p = scale(cvt(sumi), dx, dy);
-        let sumf = add4(sumf, _mm256_castps256_ps128(p), k.min(4));
-        add4(sumf, _mm256_extractf128_ps::<1>(p), k.saturating_sub(4))
+    let f16 = |b: &[u8], at: usize| {
+        let mut v = [0u8; 2];
+        v.copy_from_slice(&b[at..at + 2]);
+        u16::from_le_bytes(v) as u64
     };
     let mut sumf = 0f32;
-    let mut b0 = 0;
-    while b0 + 8 <= nb {
-        sumf = group(sumf, &w[bytes * b0..], &a[34 * b0..], 8);
-        b0 += 8;
+    let mut wp = w[..bytes * nb].chunks_exact(2 * bytes);
+    let mut ap = a[..34 * nb].chunks_exact(68);
+    for (x, y) in (&mut wp).zip(&mut ap) {
+        let (v0, v1) = (lanes(x, y), lanes(&x[bytes..], &y[34..]));
+        // Lanes of the 128-bit halves alternate between the blocks: b0, b1, b0, b1.
+        let t = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
+        let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+        let sumi = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+        // dx0, dx1, dy0, dy1 (exact).
+        let h = f16(x, 0) | f16(x, bytes) << 16 | f16(y, 0) << 32 | f16(y, 34) << 48;
+        let d = _mm_cvtph_ps(_mm_cvtsi64_si128(h as i64));
+        let p = scale(_mm_cvtepi32_ps(sumi), d, _mm_movehl_ps(d, d));
+        sumf += _mm_cvtss_f32(p);
+        sumf += _mm_cvtss_f32(_mm_movehdup_ps(p));
     }
-    if b0 < nb {
-        // The last blocks, padded with zero blocks (whose products are not added).
-        let (mut wt, mut at) = ([0u8; 8 * 36], [0u8; 8 * 34]);
-        let k = nb - b0;
-        wt[..bytes * k].copy_from_slice(&w[bytes * b0..bytes * nb]);
-        at[..34 * k].copy_from_slice(&a[34 * b0..34 * nb]);
-        sumf = group(sumf, &wt, &at, k);
+    let (x, y) = (wp.remainder(), ap.remainder());
+    if x.len() >= bytes && y.len() >= 34 {
+        let sumi = _mm_cvtsi32_si128(hsum_i32(lanes(x, y)));
+        let d = _mm_cvtph_ps(_mm_cvtsi64_si128((f16(x, 0) | f16(y, 0) << 16) as i64));
+        sumf += _mm_cvtss_f32(scale(_mm_cvtepi32_ps(sumi), d, _mm_movehdup_ps(d)));
     }
     sumf
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
-        let p0 =
-            _mm256_madd_epi16(_mm256_cvtepi8_epi16(ld128(x, 2)), _mm256_cvtepi8_epi16(ld128(y, 2)));
-        let p1 = _mm256_madd_epi16(
-            _mm256_cvtepi8_epi16(ld128(x, 18)),
-            _mm256_cvtepi8_epi16(ld128(y, 18)),
-        );
-        let sumi = hsum_i32(_mm256_add_epi32(p0, p1));
-        // dx · dy: both f16 scales converted by one VCVTPH2PS (exact), then one f32 multiply.
-        let h = u16::from_le_bytes([x[0], x[1]]) as i32
-            | (u16::from_le_bytes([y[0], y[1]]) as i32) << 16;
-        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
-        let d = _mm_cvtss_f32(_mm_mul_ss(d, _mm_movehdup_ps(d)));
-        sumf += sumi as f32 * d;
-    }
-    sumf
+    // Scalar: sumf += sumi as f32 * (dx * dy).
+    q8_pairs(
+        w,
+        a,
+        34,
+        |x, y| {
+            let p0 = _mm256_madd_epi16(
+                _mm256_cvtepi8_epi16(ld128(x, 2)),
+                _mm256_cvtepi8_epi16(ld128(y, 2)),
+            );
+            let p1 = _mm256_madd_epi16(
+                _mm256_cvtepi8_epi16(ld128(x, 18)),
+                _mm256_cvtepi8_epi16(ld128(y, 18)),
+            );
+            _mm256_add_epi32(p0, p1)
+        },
+        |s, dx, dy| _mm_mul_ps(s, _mm_mul_ps(dx, dy)),
+    )
 }
 
 /// `Σ (q - c) a` for 32 unsigned weights `q` (at most 31) and the signed activations of `y`,
@@ -555,13 +513,12 @@ fn nibbles32(x: &[u8], at: usize) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     // Scalar: sumf += sumi as f32 * dx * dy.
-    q8_family(
+    q8_pairs(
         w,
         a,
         18,
-        0,
         |x, y| offset_dot(nibbles32(x, 2), 8, y),
-        |s, dx, dy| _mm256_mul_ps(_mm256_mul_ps(s, dx), dy),
+        |s, dx, dy| _mm_mul_ps(_mm_mul_ps(s, dx), dy),
     )
 }
 
@@ -575,19 +532,20 @@ fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     );
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     // Scalar: sumf += (dx * dy) * sumi as f32.
-    q8_family(
+    q8_pairs(
         w,
         a,
         22,
-        0,
         |x, y| {
-            let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+            let mut qh = [0u8; 4];
+            qh.copy_from_slice(&x[2..6]);
+            let qh = u32::from_le_bytes(qh);
             let h = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), spread);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit);
             let q = _mm256_or_si256(nibbles32(x, 6), _mm256_and_si256(set, _mm256_set1_epi8(16)));
             offset_dot(q, 16, y)
         },
-        |s, dx, dy| _mm256_mul_ps(_mm256_mul_ps(dx, dy), s),
+        |s, dx, dy| _mm_mul_ps(_mm_mul_ps(dx, dy), s),
     )
 }
 
