@@ -240,16 +240,7 @@ fn pair_lanes() -> [__m512i; 2] {
     [lanes(0), lanes(1)]
 }
 
-/// Q8_0, Q4_0 and Q5_0 against Q8_0, one row: `split2(x0, x1)` gives two weight blocks
-/// (`bytes` long each) as unsigned bytes `(u, o)` in value order with `u − o` their quants
-/// (`o` the offset the format subtracts, taken out as `Σ o a` with `VPDPBUSD`; Q8_0's
-/// weights are flipped by +128).
-///
-/// Two blocks per register (lanes 0..8 block 2p, lanes 8..16 block 2p + 1): the exact integer
-/// sums of four products per lane, times `dx · dy` (the f16 scales of four blocks converted
-/// at once, spread to the lanes by `VPERMPS`), added with FMA into accumulator `p % 2` (two
-/// chains, so that consecutive pairs do not wait on each other). An odd last block is added
-/// after the reduction, in the scalar kernel's way. [`q8_row`] does the same per token.
+/// Q8_0, Q4_0 and Q5_0 against Q8_0, one row: [`q8_rows`] with one row.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_family_row(
@@ -259,52 +250,113 @@ fn q8_family_row(
     split2: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
 ) -> f32 {
     let nb = (w.len() / bytes).min(a.len() / 34);
-    let idx = pair_lanes();
-    let mut acc = [_mm512_setzero_ps(); 2];
-    // Pair `p` (blocks 2p, 2p + 1: `x` 2 · bytes, `y` 68 bytes) into accumulator `p % 2`.
-    let mut pair = |p: usize, x: &[u8], y: &[u8], d: __m512| {
-        let (x, y) = (&x[..2 * bytes], &y[..68]);
+    q8_rows::<1>([w], a, nb, bytes, &split2)[0]
+}
+
+/// Pair `p` (blocks 2p, 2p + 1) of every row of [`q8_rows`] into its accumulator `p % 2`;
+/// `d[i]` the lane scales of row `i`.
+///
+/// # Safety
+/// The CPU must have the features of [`super::Isa::Vnni`] (only called from this module's
+/// `#[target_feature]` kernels); `#[inline(always)]` so that the accumulators stay in
+/// registers (as a closure it was not always inlined).
+#[inline(always)]
+unsafe fn q8_pair<const R: usize>(
+    acc: &mut [[__m512; 2]; R],
+    p: usize,
+    d: [__m512; R],
+    ws: &[&[u8]; R],
+    a: &[u8],
+    bytes: usize,
+    split2: &impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
+) {
+    // SAFETY: the caller guarantees the CPU features (see the function's contract).
+    unsafe {
+        let y = &a[68 * p..68 * p + 68];
         let aq = join(ld256(y, 2), ld256(y, 36));
-        // Σ (u − o) a = Σ u a − Σ o a, four products per lane.
-        let (u, o) = split2(x, &x[bytes..]);
-        let s = _mm512_sub_epi32(
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, aq),
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), o, aq),
-        );
-        acc[p % 2] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[p % 2]);
-    };
+        for i in 0..R {
+            let x = &ws[i][2 * bytes * p..2 * bytes * (p + 1)];
+            // Σ (u − o) a = Σ u a − Σ o a, four products per lane.
+            let (u, o) = split2(x, &x[bytes..]);
+            let s = _mm512_sub_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, aq),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), o, aq),
+            );
+            acc[i][p % 2] = _mm512_fmadd_ps(d[i], _mm512_cvtepi32_ps(s), acc[i][p % 2]);
+        }
+    }
+}
+
+/// Q8_0, Q4_0 and Q5_0 weight rows `ws` (`nb` blocks of `bytes` each) against one Q8_0
+/// activation row `a`: `split2(x0, x1)` gives two weight blocks as unsigned bytes `(u, o)` in
+/// value order with `u − o` their quants (`o` the offset the format subtracts, taken out as
+/// `Σ o a` with `VPDPBUSD`; Q8_0's weights are flipped by +128). The activations are loaded
+/// once for the `R` rows (and a constant offset's `Σ o a` computed once).
+///
+/// Per row, whatever `R`: two blocks per register (lanes 0..8 block 2p, lanes 8..16 block
+/// 2p + 1), the exact integer sums of four products per lane, times `dx · dy` (the f16 scales
+/// of four blocks converted at once, spread to the lanes by `VPERMPS`), added with FMA into
+/// accumulator `p % 2` (two chains, so that consecutive pairs do not wait on each other); an
+/// odd last block is added after the reduction, in the scalar kernel's way. [`q8_row`] does
+/// the same per token, so every path gives the same bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn q8_rows<const R: usize>(
+    ws: [&[u8]; R],
+    a: &[u8],
+    nb: usize,
+    bytes: usize,
+    split2: &impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
+) -> [f32; R] {
+    let idx = pair_lanes();
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let groups = nb / 4;
-    let xy = w.chunks_exact(4 * bytes).zip(a.chunks_exact(4 * 34));
-    for (g, (xg, yg)) in xy.take(groups).enumerate() {
+    for g in 0..groups {
+        let dy = f16_bits4(&a[136 * g..136 * (g + 1)], 34) as i64;
         // dx · dy of the four blocks: their f16 scales converted by one VCVTPH2PS (exact).
-        let h = _mm_set_epi64x(f16_bits4(yg, 34) as i64, f16_bits4(xg, bytes) as i64);
-        let d = _mm256_cvtph_ps(h);
-        let d = _mm_mul_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps::<1>(d));
-        let d4 = _mm512_castps128_ps512(d);
+        let mut d4 = [_mm512_setzero_ps(); R];
+        for i in 0..R {
+            let xg = &ws[i][4 * bytes * g..4 * bytes * (g + 1)];
+            let d = _mm256_cvtph_ps(_mm_set_epi64x(dy, f16_bits4(xg, bytes) as i64));
+            let d = _mm_mul_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps::<1>(d));
+            d4[i] = _mm512_castps128_ps512(d);
+        }
         for k in 0..2 {
-            let d = _mm512_permutexvar_ps(idx[k], d4);
-            pair(2 * g + k, &xg[2 * bytes * k..], &yg[68 * k..], d);
+            let mut d = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                d[i] = _mm512_permutexvar_ps(idx[k], d4[i]);
+            }
+            // SAFETY: this function's `#[target_feature]` set is that of `Isa::Vnni`.
+            unsafe { q8_pair(&mut acc, 2 * g + k, d, &ws, a, bytes, split2) };
         }
     }
     let mut b = 4 * groups;
     if b + 2 <= nb {
-        let (x, y) = (&w[bytes * b..bytes * (b + 2)], &a[34 * b..34 * (b + 2)]);
-        let d = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(f16_at(x, 0) * f16_at(y, 0)),
-            _mm512_set1_ps(f16_at(x, bytes) * f16_at(y, 34)),
-        );
-        pair(b / 2, x, y, d);
+        let y = &a[34 * b..34 * (b + 2)];
+        let mut d = [_mm512_setzero_ps(); R];
+        for i in 0..R {
+            let x = &ws[i][bytes * b..bytes * (b + 2)];
+            d[i] = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(f16_at(x, 0) * f16_at(y, 0)),
+                _mm512_set1_ps(f16_at(x, bytes) * f16_at(y, 34)),
+            );
+        }
+        // SAFETY: as above.
+        unsafe { q8_pair(&mut acc, b / 2, d, &ws, a, bytes, split2) };
         b += 2;
     }
-    let mut sumf = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-    if b < nb {
-        let (x, y) = (&w[bytes * b..bytes * (b + 1)], &a[34 * b..34 * b + 34]);
-        let (u, o) = split2(x, x);
-        let (u, o) = (_mm512_castsi512_si256(u), _mm512_castsi512_si256(o));
-        sumf += tail_sumi(u, o, y) as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    let mut out = [0f32; R];
+    for i in 0..R {
+        out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        if b < nb {
+            let (x, y) = (&ws[i][bytes * b..bytes * (b + 1)], &a[34 * b..34 * b + 34]);
+            let (u, o) = split2(x, x);
+            let (u, o) = (_mm512_castsi512_si256(u), _mm512_castsi512_si256(o));
+            out[i] += tail_sumi(u, o, y) as f32 * (f16_at(x, 0) * f16_at(y, 0));
+        }
     }
-    sumf
+    out
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -1008,24 +1060,44 @@ fn q8_tile(
     }
 }
 
-/// Below this many tokens the Q8_0-family tiles call the single-row kernel pair by pair:
-/// preparing the activations costs more than it saves (measured: `q8_0_tile` with one or two
-/// tokens per call was the hot spot of the decode layer).
+/// Below this many tokens the Q8_0-family tiles run the single-row kernel four rows at a time
+/// ([`rows_tile`]): preparing the activations costs more than it saves (measured: `q8_0_tile`
+/// with one or two tokens per call was the hot spot of the decode layer; with one token the
+/// prepared path took 107 ns per Q8_0 row of 1408 against the single row's 45).
 const Q8_TILE_MIN_TOKENS: usize = 4;
 
-/// `vec_dot` pair by pair (the same results as the tiles: they reproduce it bit for bit).
-fn pairs_tile(
+/// Rows blocked by four against each token in turn ([`q8_rows`]: each token's activations
+/// loaded once per four rows), for tiles of fewer than [`Q8_TILE_MIN_TOKENS`] tokens: the
+/// same operations per (row, token) as `vec_dot`.
+#[allow(clippy::too_many_arguments)] // the tile contract plus the format's parameters
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn rows_tile<const R: usize>(
     w: &[u8],
     wrb: usize,
     a: &[u8],
     arb: usize,
     out: &mut [f32],
     ldo: usize,
-    f: fn(&[u8], &[u8]) -> f32,
+    bytes: usize,
+    split2: impl Fn(&[u8], &[u8]) -> (__m512i, __m512i),
 ) {
+    let nb = (wrb / bytes).min(arb / 34);
+    let rows = w.len() / wrb;
+    let row = |r: usize| &w[r * wrb..(r + 1) * wrb];
     for (t, at) in a.chunks_exact(arb).enumerate() {
-        for (r, wr) in w.chunks_exact(wrb).enumerate() {
-            out[t * ldo + r] = f(wr, at);
+        let o = &mut out[t * ldo..t * ldo + rows];
+        let mut r = 0;
+        while r + R <= rows {
+            let mut ws: [&[u8]; R] = [&[]; R];
+            for (i, x) in ws.iter_mut().enumerate() {
+                *x = row(r + i);
+            }
+            o[r..r + R].copy_from_slice(&q8_rows::<R>(ws, at, nb, bytes, &split2));
+            r += R;
+        }
+        for r in r..rows {
+            o[r] = q8_rows::<1>([row(r)], at, nb, bytes, &split2)[0];
         }
     }
 }
@@ -1033,7 +1105,8 @@ fn pairs_tile(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q8_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
     if a.len() / arb < Q8_TILE_MIN_TOKENS {
-        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q8_0);
+        let flip = _mm512_set1_epi8(-128);
+        return rows_tile::<4>(w, wrb, a, arb, out, ldo, 34, |x0, x1| (q8_0_unpack2(x0, x1), flip));
     }
     q8_tile(w, wrb, a, arb, out, ldo, 34, -128, |x0, x1| q8_0_unpack2(x0, x1))
 }
@@ -1041,7 +1114,8 @@ fn q8_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: u
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q4_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
     if a.len() / arb < Q8_TILE_MIN_TOKENS {
-        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q4_0);
+        let c = _mm512_set1_epi8(8);
+        return rows_tile::<4>(w, wrb, a, arb, out, ldo, 18, |x0, x1| (nibbles64(x0, x1, 2), c));
     }
     q8_tile(w, wrb, a, arb, out, ldo, 18, 8, |x0, x1| nibbles64(x0, x1, 2))
 }
@@ -1049,7 +1123,7 @@ fn q4_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: u
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn q5_0_tile(w: &[u8], wrb: usize, a: &[u8], arb: usize, out: &mut [f32], ldo: usize) {
     if a.len() / arb < Q8_TILE_MIN_TOKENS {
-        return pairs_tile(w, wrb, a, arb, out, ldo, vec_dot_q5_0);
+        return rows_tile::<4>(w, wrb, a, arb, out, ldo, 22, |x0, x1| q5_0_split2(x0, x1));
     }
     q8_tile(w, wrb, a, arb, out, ldo, 22, 16, |x0, x1| q5_0_unpack2(x0, x1))
 }
