@@ -286,6 +286,64 @@ pub fn connect_plan(
     connect_plan_tier(plan, shape, ours, addrs, opts).map(|t| t.experts)
 }
 
+/// Waits (up to `wait`) until every share has a reachable holder — its server or one of its
+/// replicas — and fails naming the server and its replicas when one still has none.
+fn wait_for_holders(
+    all: &[Assignment],
+    tier: &kt_plan::ExpertTier,
+    members: &[(Member, Arc<RemoteExperts>)],
+    wait: std::time::Duration,
+) -> Result<(), ExpertError> {
+    let start = std::time::Instant::now();
+    let mut logged: Option<std::time::Instant> = None;
+    loop {
+        let uncovered = all.iter().enumerate().find(|&(i, a)| {
+            !a.own.is_empty()
+                && !members[i].1.connected()
+                && !tier.servers[i]
+                    .replicas
+                    .iter()
+                    .any(|&r| members.get(r).is_some_and(|(_, m)| m.connected()))
+        });
+        let Some((i, a)) = uncovered else { return Ok(()) };
+        if start.elapsed() >= wait {
+            let replicas = &tier.servers[i].replicas;
+            let reason = members[i].1.down_reason().unwrap_or_default();
+            let with = if replicas.is_empty() {
+                String::new()
+            } else {
+                let each: Vec<String> = replicas
+                    .iter()
+                    .filter_map(|&r| members.get(r))
+                    .map(|(m, r)| {
+                        format!(
+                            "`{}` at {}: {}",
+                            m.name,
+                            m.addr,
+                            r.down_reason().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                format!(" (nor any of its replicas: {})", each.join("; "))
+            };
+            return Err(ExpertError::Connect {
+                addr: members[i].0.addr.clone(),
+                reason: format!("expert server `{}`: {reason}{with}", a.server),
+            });
+        }
+        if logged.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+            tracing::info!(
+                server = %a.server,
+                addr = %members[i].0.addr,
+                "waiting for the expert server or one of its replicas ({:.0} s left)",
+                wait.saturating_sub(start.elapsed()).as_secs_f64()
+            );
+            logged = Some(std::time::Instant::now());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The worker's side of a plan's expert tier: connects to every server (`addrs` maps the
 /// plan's server names to addresses), checks that each holds what the plan gives it (name,
 /// plan, experts — its own share plus those it replicates —, slice), and combines them:
@@ -293,6 +351,8 @@ pub fn connect_plan(
 /// server with replicas is called through a [`FailoverExperts`] (its own share only, going to
 /// a replica while it is unreachable; a stalled one is tried again after
 /// `opts.reconnect_max`). The connections keep reconnecting on their own.
+/// At start it waits up to `opts.start_wait` until every share has a reachable holder (a
+/// server still down then, whose share a replica holds, joins when it comes up).
 pub fn connect_plan_tier(
     plan: &Plan,
     shape: &ModelShape,
@@ -327,9 +387,13 @@ pub fn connect_plan_tier(
             slice: a.slice_info(),
         };
         let opts = RemoteOptions { expect: Some(expect), ..opts.clone() };
-        let remote = Arc::new(RemoteExperts::connect(addr, ours, opts)?);
-        members.push(Member::new(&a.server, addr, remote));
+        // Reachability is checked below, per share: a server may be down (or still loading)
+        // while a replica holds its share; it joins when it comes up.
+        let remote = Arc::new(RemoteExperts::connect_or_retry(addr, ours, opts)?);
+        members.push((Member::new(&a.server, addr, remote.clone()), remote));
     }
+    wait_for_holders(&all, tier, &members, opts.start_wait)?;
+    let members: Vec<Member> = members.into_iter().map(|(m, _)| m).collect();
     let probe_after = opts.reconnect_max;
     // Per server that owns a share: what the worker calls for it, and the health group.
     let mut callers: Vec<(usize, Arc<dyn Experts>)> = Vec::new();

@@ -356,6 +356,39 @@ impl RemoteExperts {
         ours: &ModelIdentity,
         opts: RemoteOptions,
     ) -> Result<Self, ExpertError> {
+        Self::open(addr, ours, opts, false)
+    }
+
+    /// Like [`RemoteExperts::connect`] (one attempt, no `start_wait`), but a server that
+    /// cannot be reached yet is not an error: the client starts disconnected
+    /// ([`RemoteExperts::connected`] is false, calls fail at once with the reason) and keeps
+    /// reconnecting in the background, checking the server as `connect` does once it
+    /// answers. A server that answers and does not match (model, placement) is still an
+    /// error. `info()` is empty until a first connect.
+    pub fn connect_or_retry(
+        addr: &str,
+        ours: &ModelIdentity,
+        opts: RemoteOptions,
+    ) -> Result<Self, ExpertError> {
+        Self::open(addr, ours, opts, true)
+    }
+
+    /// Why the client has no live link, while it has none.
+    pub fn down_reason(&self) -> Option<String> {
+        let st = self.core.lock();
+        if st.link.is_some() {
+            None
+        } else {
+            Some(st.down.clone().unwrap_or_else(|| "not connected".into()))
+        }
+    }
+
+    fn open(
+        addr: &str,
+        ours: &ModelIdentity,
+        opts: RemoteOptions,
+        unreachable_ok: bool,
+    ) -> Result<Self, ExpertError> {
         let runtime = Arc::new(
             tokio::runtime::Builder::new_current_thread()
                 .thread_name("kt-remote-experts")
@@ -375,13 +408,29 @@ impl RemoteExperts {
             stopping: AtomicBool::new(false),
             stream_ended: Notify::new(),
         });
-        let info = runtime.block_on(first_connect(core.clone()))?;
-        tracing::info!(
-            addr,
-            name = %info.name,
-            transport = ?core.lock().link.as_ref().map(|l| kind_of(l)),
-            "connected to expert server"
-        );
+        let first = if unreachable_ok {
+            runtime.block_on(establish(core.clone()))
+        } else {
+            runtime.block_on(first_connect(core.clone()))
+        };
+        let info = match first {
+            Ok(info) => {
+                tracing::info!(
+                    addr,
+                    name = %info.name,
+                    transport = ?core.lock().link.as_ref().map(|l| kind_of(l)),
+                    "connected to expert server"
+                );
+                info
+            }
+            Err(ExpertError::Connect { reason, .. }) if unreachable_ok => {
+                tracing::info!(addr, %reason, "expert server unreachable; retrying in the background");
+                core.lock().down = Some(reason.clone());
+                runtime.spawn(reconnect(core.clone(), reason));
+                ExpertInfo::default()
+            }
+            Err(e) => return Err(e),
+        };
         let driver = std::thread::Builder::new().name("kt-remote-idle".into()).spawn({
             let (rt, core) = (runtime.clone(), core.clone());
             move || idle_driver(rt, core)

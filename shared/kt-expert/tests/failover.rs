@@ -420,3 +420,42 @@ fn the_first_connect_waits_for_servers_still_starting() {
     assert!(t.elapsed() < Duration::from_secs(30), "waited {:?} on a wrong placement", t.elapsed());
     drop(servers);
 }
+
+/// A primary down at start while its replica is up: the worker starts at once on the replica
+/// and takes the primary in when it comes up; with no holder up the start fails naming both.
+#[test]
+fn a_worker_starts_while_a_primary_is_down_and_picks_it_up_later() {
+    let plan = shipped_plan();
+    let reference = local_reference(&plan);
+    let (a, ma) = start(&plan, "numa0", "127.0.0.1:0");
+    let b_addr = free_addr();
+    let addrs = [("numa0", a.addr().to_string()), ("numa1", b_addr.clone())];
+    let tier = connect(&plan, &addrs, &worker_opts(ShmMode::Off));
+    let h = tier.health.check();
+    assert!(h.serving && h.message.contains("`numa1`"), "a replica stands in: {h:?}");
+    run(&*tier.experts, &reference, 0..10);
+    assert!(calls(&ma) >= 20, "numa0 answered for both shares");
+
+    let (_b, mb) = start(&plan, "numa1", &b_addr);
+    wait_for("the worker to reach numa1", || tier.health.check().message.is_empty());
+    run(&*tier.experts, &reference, 10..30);
+    assert!(calls(&mb) >= 15, "numa1 answers its share once it is up ({})", calls(&mb));
+
+    // A share nobody can serve at start is an error naming the server and its replica.
+    drop(a);
+    let plan_ = Plan::load(&plan).unwrap();
+    let shape = ModelShape::open(hf(), None).unwrap();
+    let config = kt_models::open(&hf(), None, MatmulMode::F32).unwrap().config;
+    let nobody = [("numa0".to_string(), free_addr()), ("numa1".to_string(), free_addr())];
+    let Err(err) = kt_expert::connect_plan_tier(
+        &plan_,
+        &shape,
+        &identity("hf", &config),
+        &nobody,
+        &worker_opts(ShmMode::Off),
+    ) else {
+        panic!("no holder up must be an error");
+    };
+    let err = err.to_string();
+    assert!(err.contains("`numa0`") && err.contains("`numa1`"), "{err}");
+}
