@@ -32,6 +32,15 @@ const TOL_F16: f64 = 1e-2;
 /// rounding boundary of the 8-bit quantizer; that step's K/V stay in the cache, and these
 /// random models (built to have peaked outputs) amplify it to ~1e-2..1e-1 in the logprobs.
 const TOL_QUANT: f64 = 0.25;
+/// A step whose reference top two are this close (nats) is a tie. kt's scalar, AVX2 and
+/// AVX-512 kernels add in ggml's order, bit for bit, so they must break every tie as
+/// llama.cpp did; the VNNI kernels add in their own order (within kt-quant's stated
+/// tolerance of the scalar reference), and on these peaked models that can break a tie the
+/// other way. Then the sequences diverge, so with those kernels the comparison ends at such
+/// a step (the steps before it are checked in full).
+const TIE: f64 = 0.01;
+/// Kernel families that do not add in ggml's order.
+const REORDERING_ISAS: &[&str] = &["vnni"];
 
 #[derive(Deserialize)]
 struct Reference {
@@ -79,9 +88,26 @@ fn check(
     let got = generate(&loaded.model, &r.prompt_tokens, &params, &mut greedy, |_| true)
         .unwrap_or_else(|e| panic!("{model}/{weights}: {e}"));
     let mut worst = 0f64;
+    let isa = kt_quant::kernels::selected_isa();
+    let reorders = mode == MatmulMode::Ggml && REORDERING_ISAS.contains(&isa);
     for (step, (want, have)) in r.tokens.iter().zip(&got.tokens).enumerate() {
         let ids_want: Vec<u32> = r.tokens.iter().map(|t| t.id).collect();
         let ids_have: Vec<u32> = got.tokens.iter().map(|t| t.id).collect();
+        if want.id != have.id && reorders {
+            let gap = want
+                .top_logprobs
+                .iter()
+                .find(|t| t.id == have.id)
+                .map(|t| want.logprob - t.logprob);
+            if gap.is_some_and(|g| g <= TIE) {
+                eprintln!(
+                    "{model}/{weights} vs {reference}: step {step} is a tie (reference gap {:.1e}) \
+                     that the {isa} kernels broke the other way; compared up to it",
+                    gap.unwrap_or_default()
+                );
+                break;
+            }
+        }
         assert_eq!(
             want.id, have.id,
             "{model}/{weights} vs {reference} ({mode:?}): token {step} differs\n want {ids_want:?}\n have {ids_have:?}"
