@@ -603,25 +603,15 @@ impl RemoteExperts {
     /// timeout.
     fn wait_answer(
         &self,
-        mut answer: oneshot::Receiver<Result<Vec<f32>, Failure>>,
+        answer: oneshot::Receiver<Result<Vec<f32>, Failure>>,
     ) -> Result<Result<Vec<f32>, Failure>, NoAnswer> {
         let core = &self.core;
         let Some(rt) = self.runtime.as_ref() else { return Err(NoAnswer::Disconnected) };
         let (timeout, poll) = (core.opts.timeout, core.opts.reply_poll.min(core.opts.timeout));
         let wait = async move {
-            let start = Instant::now();
-            while start.elapsed() < poll {
-                match answer.try_recv() {
-                    Ok(v) => return Ok(v),
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        return Err(NoAnswer::Disconnected)
-                    }
-                    Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
-                }
-            }
-            match tokio::time::timeout(timeout.saturating_sub(start.elapsed()), answer).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(_)) => Err(NoAnswer::Disconnected),
+            match tokio::time::timeout(timeout, poll_then_await(answer, poll)).await {
+                Ok(Some(v)) => Ok(v),
+                Ok(None) => Err(NoAnswer::Disconnected),
                 Err(_) => Err(NoAnswer::Timeout),
             }
         };
@@ -634,6 +624,24 @@ impl RemoteExperts {
         }
         rt.block_on(wait)
     }
+}
+
+/// An answer from another thread: re-polled for `poll` (the task yields between looks, so the
+/// thread driving it stays awake and takes an early answer without a wake-up), then awaited
+/// asleep. `None` if the sender was dropped. Both ends of a gRPC call wait this way.
+pub(crate) async fn poll_then_await<T>(
+    mut answer: oneshot::Receiver<T>,
+    poll: Duration,
+) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < poll {
+        match answer.try_recv() {
+            Ok(v) => return Some(v),
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+            Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
+        }
+    }
+    answer.await.ok()
 }
 
 fn kind_of(link: &Link) -> LinkKind {

@@ -630,20 +630,6 @@ impl Drop for RingGuard {
     }
 }
 
-/// The answer of a call computing on the pool: re-polled (the task yields between looks, so
-/// its thread stays awake) for `spin`, then awaited asleep. `None` if the job was dropped.
-async fn wait_answer<T>(mut answer: oneshot::Receiver<T>, spin: Duration) -> Option<T> {
-    let start = Instant::now();
-    while start.elapsed() < spin {
-        match answer.try_recv() {
-            Ok(v) => return Some(v),
-            Err(oneshot::error::TryRecvError::Closed) => return None,
-            Err(oneshot::error::TryRecvError::Empty) => tokio::task::yield_now().await,
-        }
-    }
-    answer.await.ok()
-}
-
 #[tonic::async_trait]
 impl Expert for ExpertService {
     type ForwardStream = ReceiverStream<Result<ExpertResponse, Status>>;
@@ -734,7 +720,7 @@ impl Expert for ExpertService {
                 };
                 let tx2 = tx.clone();
                 tokio::spawn(async move {
-                    if let Some(resp) = wait_answer(answer, spin).await {
+                    if let Some(resp) = crate::remote::poll_then_await(answer, spin).await {
                         let _ = tx2.send(Ok(resp)).await;
                     }
                 });
