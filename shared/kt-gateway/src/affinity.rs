@@ -158,28 +158,8 @@ pub fn allowed_cpus() -> Option<CpuList> {
 }
 
 /// Pins the calling thread to `cpus` (it may then run on any of them).
-#[cfg(target_os = "linux")]
 pub fn pin_current_thread(cpus: &CpuList) -> std::io::Result<()> {
-    // SAFETY: cpu_set_t is plain old data; zeroed is its empty set (what CPU_ZERO does).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in &cpus.0 {
-        // SAFETY: `c` is below MAX_CPUS, the set's capacity in bits (checked when parsed).
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
-    // SAFETY: `set` is a valid, initialized cpu_set_t and the size passed is its size;
-    // pid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Pinning is only implemented on Linux.
-#[cfg(not(target_os = "linux"))]
-pub fn pin_current_thread(_cpus: &CpuList) -> std::io::Result<()> {
-    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "thread pinning needs Linux"))
+    kt_core::pin_current_thread(cpus.cpus())
 }
 
 #[cfg(test)]
