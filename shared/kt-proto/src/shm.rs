@@ -786,7 +786,7 @@ impl Ring {
             }
             let (values, finite) = self.read_f32s(base + SLOT_HEADER, n * hidden, dtype)?;
             if !finite {
-                let v = values.iter().find(|x| !x.is_finite()).copied().unwrap_or(f32::NAN);
+                let v = values::first_non_finite(&values).unwrap_or(f32::NAN);
                 return Err(ShmError::Corrupt(format!("answer holds {v}")));
             }
             Ok(values)
