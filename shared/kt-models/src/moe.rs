@@ -14,7 +14,9 @@ use crate::ModelError;
 
 pub mod bench;
 mod fused;
+mod int8;
 pub use fused::FusedConfig;
+pub use int8::PackedMlp;
 
 /// An empty slot of a [`Routing`]: the expert there is computed elsewhere.
 pub const NO_EXPERT: u32 = u32::MAX;
@@ -144,7 +146,19 @@ pub enum ExpertKernel {
     /// parallel pass over all active experts per projection. Falls back to the reference for
     /// experts it does not cover (biases, gate/up in different activation formats).
     Fused(FusedConfig),
+    /// The experts repacked to `amx_int8` ([`LocalExperts::repack_int8`], `moe/int8.rs`): AMX
+    /// for multi-token products, VNNI below that; `path` forces one kernel path. Another
+    /// quantization than the GGUF file's, so results differ from the other kernels by its
+    /// rounding.
+    Int8 { path: Option<kt_quant::packed::Path> },
+    /// KTransformers' split: calls of fewer than `int8_from` tokens (decode) on the GGUF
+    /// weights with the fused kernel, longer ones (prefill) on the `amx_int8` copies.
+    Hybrid { fused: FusedConfig, int8_from: usize },
 }
+
+/// Tokens per call from which [`ExpertKernel::Hybrid`] takes the `amx_int8` copies by default
+/// (measured with `kt bench experts --int8`; BENCHMARKS.md).
+pub const DEFAULT_INT8_FROM: usize = 128;
 
 impl Default for ExpertKernel {
     fn default() -> Self {
@@ -159,12 +173,39 @@ pub struct LocalExperts {
     hidden: usize,
     layers: Vec<Vec<Option<Mlp>>>,
     kernel: ExpertKernel,
+    /// The `amx_int8` copies made by [`LocalExperts::repack_int8`] (empty before).
+    packed: Vec<Vec<Option<PackedMlp>>>,
 }
 
 impl LocalExperts {
     /// Experts computed with the default kernel ([`ExpertKernel::Fused`]).
     pub fn new(hidden: usize, layers: Vec<Vec<Option<Mlp>>>) -> Self {
-        Self { hidden, layers, kernel: ExpertKernel::default() }
+        Self { hidden, layers, kernel: ExpertKernel::default(), packed: Vec::new() }
+    }
+
+    /// Repacks the experts of the layers `which` selects to `amx_int8` (in parallel on the
+    /// current rayon pool, so the copies are first touched by its threads: NUMA-local when the
+    /// pool is pinned; `progress(done, total)` after each expert) and makes
+    /// [`ExpertKernel::Int8`] the kernel (set [`ExpertKernel::Hybrid`] after it to keep the
+    /// GGUF weights for decode). The GGUF views stay: memory-mapped file pages, read only by
+    /// the kernels that use them.
+    pub fn repack_int8(
+        &mut self,
+        which: impl Fn(usize) -> bool + Sync,
+        progress: impl Fn(usize, usize) + Sync,
+    ) -> Result<(), ModelError> {
+        self.packed = int8::repack_layers(&self.layers, which, progress)?;
+        self.kernel = ExpertKernel::Int8 { path: None };
+        Ok(())
+    }
+
+    /// Bytes of the `amx_int8` copies of `layer`'s experts (0 when not repacked).
+    pub fn packed_bytes(&self, layer: usize, expert: usize) -> usize {
+        self.packed
+            .get(layer)
+            .and_then(|es| es.get(expert))
+            .and_then(Option::as_ref)
+            .map_or(0, PackedMlp::bytes)
     }
 
     /// The same experts computed with `kernel`.
@@ -199,10 +240,33 @@ impl LocalExperts {
         routing: &Routing,
     ) -> Result<Vec<f32>, ModelError> {
         let experts = self.check(layer, hidden, routing)?;
-        if let ExpertKernel::Fused(cfg) = kernel {
-            if let Some(out) = fused::forward(&cfg, self.hidden, experts, hidden, routing) {
-                return Ok(out);
+        match kernel {
+            ExpertKernel::Fused(cfg) => {
+                if let Some(out) = fused::forward(&cfg, self.hidden, experts, hidden, routing) {
+                    return Ok(out);
+                }
             }
+            ExpertKernel::Int8 { path } => {
+                let packed = self.packed.get(layer).map_or(&[][..], |p| &p[..]);
+                return int8::forward(self.hidden, packed, hidden, routing, path).ok_or_else(
+                    || {
+                        ModelError::Input(format!(
+                        "layer {layer}: a routed expert has no amx_int8 copy (not repacked) or \
+                         inconsistent shapes"
+                    ))
+                    },
+                );
+            }
+            ExpertKernel::Hybrid { fused, int8_from } => {
+                let n = hidden.len() / self.hidden.max(1);
+                let kernel = if n >= int8_from && !self.packed.is_empty() {
+                    ExpertKernel::Int8 { path: None }
+                } else {
+                    ExpertKernel::Fused(fused)
+                };
+                return self.forward_with(kernel, layer, hidden, routing);
+            }
+            ExpertKernel::Reference => {}
         }
         Ok(self.reference(experts, hidden, routing))
     }

@@ -39,8 +39,8 @@ const TOL_QUANT: f64 = 0.25;
 /// other way. Then the sequences diverge, so with those kernels the comparison ends at such
 /// a step (the steps before it are checked in full).
 const TIE: f64 = 0.01;
-/// Kernel families that do not add in ggml's order.
-const REORDERING_ISAS: &[&str] = &["vnni"];
+/// Kernel families that do not add in ggml's order (`amx` runs the VNNI kernels on GGUF blocks).
+const REORDERING_ISAS: &[&str] = &["vnni", "amx"];
 
 #[derive(Deserialize)]
 struct Reference {

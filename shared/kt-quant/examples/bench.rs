@@ -17,6 +17,10 @@
 //! With `--tiles` instead, for the formats with a multi-token `vec_dot_tile` kernel: single-thread GOPS
 //! (2 · multiply-adds per second) of a 16-row × T-token tile (cache-resident, the fused MoE
 //! kernel's inner step) for T = 1, 2, 4, 8, 16, 64, against `vec_dot` pair by pair.
+//!
+//! With `--packed`: the `amx_int8` format (`kt_quant::packed`), one thread, a 1408 × 2048 matrix
+//! (a V2-Lite expert's gate) × T tokens for T = 1 … 512, every available path: GOPS (int8
+//! operations) and, for AMX, the share of the single-thread AMX peak measured alongside.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -29,6 +33,10 @@ fn main() {
     let rows = if std::env::args().any(|a| a == "--quick") { 512 } else { N };
     if std::env::args().any(|a| a == "--moe") {
         moe();
+        return;
+    }
+    if std::env::args().any(|a| a == "--packed") {
+        packed();
         return;
     }
     if std::env::args().any(|a| a == "--tiles") {
@@ -308,5 +316,55 @@ fn short(isa: &str) -> &str {
         "avx2" => "avx2",
         "avx512" => "512",
         other => other,
+    }
+}
+
+fn packed() {
+    use kt_quant::packed::{amx_int8_peak, matmul, PackedI8, Path, QuantActs};
+    let (rows, cols) = (1408, 2048);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+    let p = PackedI8::from_rows(rows, cols, |r, o| o.copy_from_slice(&w[r * cols..(r + 1) * cols]));
+    let peak = amx_int8_peak(0.5);
+    if let Some(pk) = peak {
+        println!("AMX int8 peak, one thread: {:.2} TOPS", pk / 1e12);
+    }
+    println!("{:>6} {:<7} {:>12} {:>9} {:>7}", "tokens", "path", "µs/call", "GOPS", "% peak");
+    for t in [1usize, 4, 8, 16, 32, 48, 64, 128, 256, 512] {
+        let x: Vec<f32> = (0..t * cols).map(|_| next()).collect();
+        let a = QuantActs::new(&x, cols);
+        let mut out = vec![0f32; t * rows];
+        for path in Path::ALL.into_iter().filter(|p| p.available()) {
+            if path == Path::Scalar && t > 8 {
+                continue;
+            }
+            let mut best = f64::MAX;
+            let reps = (4096 / t).clamp(2, 64);
+            for _ in 0..5 {
+                let s = Instant::now();
+                for _ in 0..reps {
+                    matmul(&p, 0..rows, &a, &mut out, rows, path).unwrap();
+                    black_box(&out);
+                }
+                best = best.min(s.elapsed().as_secs_f64() / reps as f64);
+            }
+            let ops = 2.0 * (rows * cols * t) as f64;
+            let share = match (path, peak) {
+                (Path::Amx, Some(pk)) => format!("{:.1}%", 100.0 * ops / best / pk),
+                _ => String::new(),
+            };
+            println!(
+                "{t:>6} {:<7} {:>12.1} {:>9.1} {share:>7}",
+                path.name(),
+                best * 1e6,
+                ops / best / 1e9
+            );
+        }
     }
 }

@@ -31,12 +31,13 @@
 pub mod blocks;
 mod error;
 pub mod kernels;
+pub mod packed;
 
 pub use blocks::Block;
 pub use error::QuantError;
 pub use kernels::{
-    describe, isa_note, kernels, kernels_for_isa, prefetch_distance, scalar_kernels, selected_isa,
-    Isa, Kernels,
+    describe, isa_note, kernels, kernels_for_isa, prefetch_distance, scalar_kernels, selected,
+    selected_isa, Isa, Kernels,
 };
 
 /// Activation quantizer for `ty` (a `vec_dot_type`) as llama.cpp's CPU backend runs it on

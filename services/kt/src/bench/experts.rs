@@ -38,6 +38,13 @@ pub struct ExpertsArgs {
     /// MiB of the buffer the DRAM read bandwidth is measured on.
     #[arg(long, default_value_t = 1024, env = "KT_BENCH_DRAM_MIB")]
     dram_mib: usize,
+    /// Also repack the layer's experts to `amx_int8` and time them (AMX prefill where the CPU
+    /// has it); prints the AMX int8 peak and each int8 row's share of it.
+    #[arg(long, env = "KT_BENCH_INT8")]
+    int8: bool,
+    /// With `--int8`: only the int8 schedules.
+    #[arg(long, env = "KT_BENCH_INT8_ONLY", requires = "int8")]
+    int8_only: bool,
     /// Print one JSON object on stdout instead of a table.
     #[arg(long, env = "KT_BENCH_JSON")]
     json: bool,
@@ -52,6 +59,8 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
         token_tile: a.tile,
         seconds: a.seconds,
         dram_mib: a.dram_mib,
+        int8: a.int8,
+        int8_only: a.int8_only,
         ..ExpertsBenchConfig::default()
     };
     let json = a.json;
@@ -78,9 +87,12 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
                 b.threads,
                 b.dram_gbps
             );
+            if let Some(peak) = b.amx_int8_tops {
+                let _ = writeln!(out, "AMX int8 peak (all {} threads): {peak:.2} TOPS", b.threads);
+            }
             let _ = writeln!(
                 out,
-                "{:>6} {:<9} {:>5} {:>11} {:>11} {:>9} {:>7} {:>7} {:>8}",
+                "{:>6} {:<9} {:>5} {:>11} {:>11} {:>9} {:>7} {:>7} {:>8} {:>6}",
                 "tokens",
                 "schedule",
                 "calls",
@@ -89,12 +101,14 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
                 "MB/call",
                 "GB/s",
                 "% DRAM",
-                "TFLOPS"
+                "TFLOPS",
+                "% AMX"
             );
         }
+        let amx = r.amx_share.map_or(String::new(), |s| format!("{:.1}%", 100.0 * s));
         let _ = writeln!(
             out,
-            "{:>6} {:<9} {:>5} {:>11.1} {:>11.1} {:>9.1} {:>7.2} {:>6.1}% {:>8.4}",
+            "{:>6} {:<9} {:>5} {:>11.1} {:>11.1} {:>9.1} {:>7.2} {:>6.1}% {:>8.4} {amx:>6}",
             r.tokens,
             r.schedule,
             r.calls,
@@ -116,13 +130,15 @@ pub fn run(a: ExpertsArgs) -> Result<()> {
                     "tokens": r.tokens, "schedule": r.schedule, "calls": r.calls,
                     "median_us": r.median_us, "min_us": r.min_us, "bytes": r.bytes,
                     "gbps": r.gbps, "dram_share": r.bw_share, "tflops": r.tflops,
+                    "amx_share": r.amx_share,
                 })
             })
             .collect();
         let v = serde_json::json!({
             "layer": res.layer, "hidden": res.hidden, "ff": res.ff, "experts": res.n_experts,
             "top_k": res.top_k, "formats": res.formats, "isa": res.isa, "threads": res.threads,
-            "dram_gbps": res.dram_gbps, "switch_tokens": res.switch_tokens, "results": rows,
+            "dram_gbps": res.dram_gbps, "amx_int8_tops": res.amx_int8_tops,
+            "switch_tokens": res.switch_tokens, "results": rows,
         });
         writeln!(out, "{v}")?;
     } else {

@@ -10,10 +10,17 @@
 //! bandwidth is measured first ([`dram_read_bandwidth`]) and every GB/s is also printed as a
 //! share of it. The smallest token count from which the tiled schedule is faster is the
 //! measured switch point ([`FusedConfig::prefill_min_tokens`]).
+//!
+//! With `int8`, the layer's experts are also repacked to `amx_int8` and timed (`int8`: AMX for
+//! multi-token experts where the CPU has it, `int8-vnni`: VNNI only), with the AMX int8 peak of
+//! every pool thread measured at once (register-resident `TDPBSSD`s) and each `int8` row's
+//! int8 operations per second printed as a share of it.
 
 use std::time::Instant;
 
 use rayon::prelude::*;
+
+use kt_quant::packed::Path;
 
 use super::{ExpertKernel, FusedConfig, LocalExperts, Routing};
 use crate::{load_experts, open, MatmulMode, ModelError};
@@ -37,6 +44,12 @@ pub struct ExpertsBenchConfig {
     pub dram_mib: usize,
     /// Seed of the hidden states and routings.
     pub seed: u64,
+    /// Also repack the layer's experts to `amx_int8` and time them (`int8`: AMX from
+    /// `AMX_MIN_TOKENS` tokens per expert, VNNI below; `int8-vnni`: VNNI at every count), and
+    /// measure the AMX int8 peak of the pool's threads.
+    pub int8: bool,
+    /// Only the `amx_int8` schedules (with `int8`), not the GGUF ones.
+    pub int8_only: bool,
 }
 
 impl Default for ExpertsBenchConfig {
@@ -50,6 +63,8 @@ impl Default for ExpertsBenchConfig {
             seconds: 1.0,
             dram_mib: 1024,
             seed: 1,
+            int8: false,
+            int8_only: false,
         }
     }
 }
@@ -69,6 +84,9 @@ pub struct ExpertsBenchRow {
     pub tflops: f64,
     /// `gbps` ÷ the measured DRAM read bandwidth.
     pub bw_share: f64,
+    /// For the `amx_int8` schedules on a CPU with AMX: `tflops` (int8 operations) ÷ the
+    /// measured AMX int8 peak of all the pool's threads.
+    pub amx_share: Option<f64>,
 }
 
 /// The whole measurement.
@@ -86,6 +104,8 @@ pub struct ExpertsBench {
     pub isa: String,
     pub threads: usize,
     pub dram_gbps: f64,
+    /// AMX int8 peak of all the pool's threads together, in TOPS (`int8` on a CPU with AMX).
+    pub amx_int8_tops: Option<f64>,
     pub rows: Vec<ExpertsBenchRow>,
     /// Smallest measured token count from which `tiled` beats `decode` at every larger count.
     pub switch_tokens: Option<usize>,
@@ -177,7 +197,7 @@ pub fn run(
             .find(|&l| c.is_moe_layer(l))
             .ok_or_else(|| ModelError::Config("no MoE layer".into()))?,
     };
-    let experts: LocalExperts =
+    let mut experts: LocalExperts =
         load_experts(c, parts.source.tensors(), parts.scheme, mode, &|l, _| l == layer)?;
     let mlp0 = experts
         .expert(layer, 0)
@@ -214,9 +234,20 @@ pub fn run(
         isa: format!("{} {} {}", fam(&mlp0.gate), fam(&mlp0.up), fam(&mlp0.down)),
         threads: pool.current_num_threads(),
         dram_gbps: pool.install(|| dram_read_bandwidth(cfg.dram_mib)),
+        amx_int8_tops: None,
         rows: Vec::new(),
         switch_tokens: None,
     };
+    let mut int8_bytes = Vec::new();
+    if cfg.int8 {
+        pool.install(|| experts.repack_int8(|l| l == layer, |_, _| {}))?;
+        int8_bytes = (0..moe.n_experts).map(|e| experts.packed_bytes(layer, e) as f64).collect();
+        // Every thread of the pool at once, so the figure is the machine's, not one core's.
+        let per_thread = pool.broadcast(|_| kt_quant::packed::amx_int8_peak(0.3));
+        if per_thread.iter().all(Option::is_some) {
+            bench.amx_int8_tops = Some(per_thread.iter().flatten().sum::<f64>() / 1e12);
+        }
+    }
     let mut rng = Rng(cfg.seed | 1);
     let tiled = FusedConfig {
         prefill_min_tokens: 0,
@@ -226,14 +257,25 @@ pub fn run(
     let decode = FusedConfig { prefill_min_tokens: usize::MAX, ..FusedConfig::default() };
     for &n in &cfg.tokens {
         let x: Vec<f32> = (0..n * c.hidden).map(|_| rng.f32()).collect();
-        let mut schedules = vec![("decode", ExpertKernel::Fused(decode))];
-        if n > 1 {
-            schedules.push(("tiled", ExpertKernel::Fused(tiled)));
+        let mut schedules = Vec::new();
+        if !(cfg.int8 && cfg.int8_only) {
+            schedules.push(("decode", ExpertKernel::Fused(decode)));
+            if n > 1 {
+                schedules.push(("tiled", ExpertKernel::Fused(tiled)));
+            }
+            if n <= cfg.reference_up_to {
+                schedules.push(("reference", ExpertKernel::Reference));
+            }
         }
-        if n <= cfg.reference_up_to {
-            schedules.push(("reference", ExpertKernel::Reference));
+        if cfg.int8 {
+            schedules.push(("int8", ExpertKernel::Int8 { path: None }));
+            if Path::for_tokens(usize::MAX) == Path::Amx {
+                schedules.push(("int8-vnni", ExpertKernel::Int8 { path: Some(Path::Vnni) }));
+            }
         }
         for (name, kernel) in schedules {
+            let is_int8 = matches!(kernel, ExpertKernel::Int8 { .. });
+            let sizes = if is_int8 { &int8_bytes } else { &expert_bytes };
             let (mut times, mut bytes) = (Vec::new(), Vec::new());
             let mut spent = 0.0;
             // One warm-up call, then until the time budget is spent (at least 3 calls).
@@ -244,8 +286,7 @@ pub fn run(
                 let r = random_routing(n, moe.top_k, moe.n_experts, &mut rng);
                 let mut hit = vec![false; moe.n_experts];
                 r.ids.iter().for_each(|&e| hit[e as usize] = true);
-                let b: f64 =
-                    hit.iter().zip(&expert_bytes).filter(|(h, _)| **h).map(|(_, b)| b).sum();
+                let b: f64 = hit.iter().zip(sizes).filter(|(h, _)| **h).map(|(_, b)| b).sum();
                 let t = Instant::now();
                 let y = pool.install(|| experts.forward_with(kernel, layer, &x, &r))?;
                 let dt = t.elapsed().as_secs_f64();
@@ -272,6 +313,10 @@ pub fn run(
                 gbps,
                 tflops: flops / t / 1e12,
                 bw_share: gbps / bench.dram_gbps,
+                amx_share: bench
+                    .amx_int8_tops
+                    .filter(|_| is_int8)
+                    .map(|peak| flops / t / 1e12 / peak),
             };
             on_row(&bench, &row);
             bench.rows.push(row);

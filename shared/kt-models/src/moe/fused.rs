@@ -41,6 +41,32 @@ use super::{Mlp, Routing, NO_EXPERT};
 use crate::linear::Linear;
 use crate::ops::silu;
 
+/// One expert's share of a layer call: its id, the tokens routed to it (in token order) and
+/// their routing weights.
+pub(super) type Routed = (usize, Vec<usize>, Vec<f32>);
+
+/// The tokens routed to each expert, in expert id order, or `None` when an id is not below
+/// `n_experts`.
+pub(super) fn group_by_expert(
+    routing: &Routing,
+    n: usize,
+    n_experts: usize,
+) -> Option<Vec<Routed>> {
+    let mut slots: Vec<Option<(Vec<usize>, Vec<f32>)>> = vec![None; n_experts];
+    for t in 0..n {
+        for j in 0..routing.k {
+            let id = routing.ids[t * routing.k + j];
+            if id == NO_EXPERT {
+                continue;
+            }
+            let (tokens, weights) = slots.get_mut(id as usize)?.get_or_insert_default();
+            tokens.push(t);
+            weights.push(routing.weights[t * routing.k + j]);
+        }
+    }
+    Some(slots.into_iter().enumerate().filter_map(|(e, s)| s.map(|(t, w)| (e, t, w))).collect())
+}
+
 /// Parameters of the fused schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FusedConfig {
@@ -125,7 +151,12 @@ struct Active<'a> {
 
 /// Rows per work item for an expert with `tokens` tokens, so that the layer's total work
 /// (`Σ rows · tokens`) splits into about `threads · items_per_thread` items.
-fn rows_per_item(rows: usize, tokens: usize, total_work: usize, cfg: &FusedConfig) -> usize {
+pub(super) fn rows_per_item(
+    rows: usize,
+    tokens: usize,
+    total_work: usize,
+    cfg: &FusedConfig,
+) -> usize {
     let items = rayon::current_num_threads() * cfg.items_per_thread.max(1);
     let target = total_work.div_ceil(items.max(1));
     target.div_ceil(tokens.max(1)).clamp(4, rows.max(4))
@@ -197,25 +228,10 @@ pub(super) fn forward(
     routing: &Routing,
 ) -> Option<Vec<f32>> {
     let n = hidden.len() / h;
-    // Group tokens by expert, in expert id order and token order.
-    let mut slots: Vec<Option<Active<'_>>> = experts.iter().map(|_| None).collect();
-    for t in 0..n {
-        for j in 0..routing.k {
-            let id = routing.ids[t * routing.k + j];
-            if id == NO_EXPERT {
-                continue;
-            }
-            let mlp = experts.get(id as usize)?.as_ref()?;
-            let a = slots[id as usize].get_or_insert_with(|| Active {
-                mlp,
-                tokens: Vec::new(),
-                weights: Vec::new(),
-            });
-            a.tokens.push(t);
-            a.weights.push(routing.weights[t * routing.k + j]);
-        }
+    let mut active = Vec::new();
+    for (id, tokens, weights) in group_by_expert(routing, n, experts.len())? {
+        active.push(Active { mlp: experts[id].as_ref()?, tokens, weights });
     }
-    let active: Vec<Active<'_>> = slots.into_iter().flatten().collect();
     let mut out = vec![0f32; n * h];
     let Some(first) = active.first() else { return Some(out) };
     if !active.iter().all(|a| supports(a.mlp, h)) {
@@ -320,10 +336,10 @@ pub(super) fn forward(
 /// Below this many (token, expert) pairs in a layer call the small per-expert steps (gathering
 /// activations, quantizing the down projection's input, scattering outputs) run on the
 /// calling thread: a rayon hand-off costs more than they do.
-const SERIAL_PAIRS: usize = 64;
+pub(super) const SERIAL_PAIRS: usize = 64;
 
 /// Runs `f` over `items`, in parallel when `parallel`.
-fn map_items<T: Sync, R: Send>(
+pub(super) fn map_items<T: Sync, R: Send>(
     items: &[T],
     parallel: bool,
     f: impl Fn(&T) -> R + Sync + Send,
@@ -449,13 +465,7 @@ fn forward_quant(
     let first_item = item_starts(&work, active.len());
     let down_acts: Vec<(Vec<u8>, usize)> = map_items(&idx, par, |&i| {
         let (nt, ff) = (active[i].tokens.len(), active[i].mlp.gate.out_dim());
-        let mut x = vec![0f32; nt * ff];
-        for (w, b) in work[first_item[i]..first_item[i + 1]].iter().zip(&blocks[first_item[i]..]) {
-            let nr = w.1.len();
-            for s in 0..nt {
-                x[s * ff + w.1.start..s * ff + w.1.end].copy_from_slice(&b[s * nr..(s + 1) * nr]);
-            }
-        }
+        let x = assemble(&work, &blocks, first_item[i]..first_item[i + 1], nt, ff);
         // Checked above: every down projection quantizes its input.
         let Some((quantize, arb)) = active[i].mlp.down.act_quantizer() else {
             return (Vec::new(), 0);
@@ -483,11 +493,46 @@ fn forward_quant(
         .collect();
     drop(down_acts);
 
-    // Weighted sum per token, in expert id order (the reference order); tokens in parallel.
-    let first_item = item_starts(&work, active.len());
+    let routed: Vec<(&[usize], &[f32])> =
+        active.iter().map(|a| (&a.tokens[..], &a.weights[..])).collect();
+    Some(weighted_sum(&routed, &work, &blocks, n, h, par))
+}
+
+/// One expert's outputs `[nt × width]` (token-major) assembled from the blocks of its work
+/// items `items` (item `j` covers rows `work[j].1`, its block holding `nt × rows` values,
+/// token-major).
+pub(super) fn assemble(
+    work: &[(usize, std::ops::Range<usize>)],
+    blocks: &[Vec<f32>],
+    items: std::ops::Range<usize>,
+    nt: usize,
+    width: usize,
+) -> Vec<f32> {
+    let mut x = vec![0f32; nt * width];
+    for (w, b) in work[items.clone()].iter().zip(&blocks[items]) {
+        let nr = w.1.len();
+        for s in 0..nt {
+            x[s * width + w.1.start..s * width + w.1.end].copy_from_slice(&b[s * nr..(s + 1) * nr]);
+        }
+    }
+    x
+}
+
+/// `out[t] = Σ_e w · y_e[t]` over the experts `routed` (each: its tokens and their routing
+/// weights, in expert id order — the reference order) whose down-projection outputs are the
+/// work items' `blocks` (as in [`assemble`]); tokens in parallel when `par`.
+pub(super) fn weighted_sum(
+    routed: &[(&[usize], &[f32])],
+    work: &[(usize, std::ops::Range<usize>)],
+    blocks: &[Vec<f32>],
+    n: usize,
+    h: usize,
+    par: bool,
+) -> Vec<f32> {
+    let first_item = item_starts(work, routed.len());
     let mut contrib: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); n];
-    for (i, a) in active.iter().enumerate() {
-        for (s, (&t, &w)) in a.tokens.iter().zip(&a.weights).enumerate() {
+    for (i, (tokens, weights)) in routed.iter().enumerate() {
+        for (s, (&t, &w)) in tokens.iter().zip(weights.iter()).enumerate() {
             contrib[t].push((i, s, w));
         }
     }
@@ -509,11 +554,11 @@ fn forward_quant(
     } else {
         out.chunks_mut(h).zip(contrib.iter()).for_each(add);
     }
-    Some(out)
+    out
 }
 
 /// Index of each expert's first work item (items are in expert order), plus the end.
-fn item_starts(work: &[(usize, std::ops::Range<usize>)], experts: usize) -> Vec<usize> {
+pub(super) fn item_starts(work: &[(usize, std::ops::Range<usize>)], experts: usize) -> Vec<usize> {
     let mut starts = vec![work.len(); experts + 1];
     for (j, (i, _)) in work.iter().enumerate().rev() {
         starts[*i] = j;

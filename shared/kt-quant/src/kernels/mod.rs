@@ -1,7 +1,7 @@
 //! The kernel seam: one table of plain function pointers per block format, chosen once at run
 //! time.
 //!
-//! [`kernels`] returns the table for a format. Three families exist:
+//! [`kernels`] returns the table for a format. These families exist:
 //!
 //! * `scalar` ([`scalar_kernels`]): the bit-exact reference, on every target;
 //! * `avx2` (x86-64 with AVX2 + FMA + F16C): SIMD `dot_f32` for F32, F16, BF16, Q4_0, Q8_0,
@@ -12,13 +12,15 @@
 //! * `vnni` (AVX-512 + VNNI): the AVX-512 table with `VPDPBUSD` `vec_dot` for
 //!   Q4_0/Q5_0/Q8_0·Q8_0,
 //!   Q4_K/Q5_K/Q6_K/IQ4_XS·Q8_K, and `VDPBF16PS` BF16·BF16 where the CPU has AVX512_BF16.
+//! * `amx` (VNNI + AMX-TILE/AMX-INT8, permission granted by the OS): the `vnni` table for the
+//!   block formats; AMX itself serves the repacked `amx_int8` format ([`crate::packed`]).
 //!
 //! Every family's table covers all formats: entries without a SIMD version are the scalar
 //! ones ([`Kernels::isa`] names the family of `dot_f32`, [`Kernels::vec_dot_isa`] that of
 //! `vec_dot`; [`describe`] prints both). The family is chosen once per process, on first use:
 //! the best one the CPU has, or the one the environment variable `KT_ISA` names
-//! (`scalar`, `avx2`, `avx512`, `vnni`). `KT_ISA` can only lower the choice: naming a family the CPU
-//! lacks (or an unknown name) keeps the best available one and records a message
+//! (`scalar`, `avx2`, `avx512`, `vnni`, `amx`). `KT_ISA` can only lower the choice: naming a
+//! family the CPU lacks (or an unknown name) keeps the best available one and records a message
 //! ([`isa_note`], also printed once to stderr).
 //!
 //! Binaries are never built with `-C target-cpu=native`: the SIMD modules compile their
@@ -44,6 +46,8 @@ use kt_core::GgmlType;
 
 use crate::blocks::*;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -167,11 +171,15 @@ pub enum Isa {
     /// AVX-512 plus VNNI (`VPDPBUSD`); its BF16 `vec_dot` also needs AVX512_BF16 and is the
     /// AVX-512 one without it.
     Vnni,
+    /// VNNI plus AMX (AMX-TILE + AMX-INT8, with the OS's permission for tile data): the block
+    /// formats keep the VNNI kernels; the `amx_int8` expert format ([`crate::packed`]) runs
+    /// its multi-token products on AMX tiles.
+    Amx,
 }
 
 impl Isa {
     /// Every family, lowest first.
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Vnni];
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Vnni, Isa::Amx];
 
     /// The name `KT_ISA` accepts and [`Kernels::isa`] reports.
     pub fn name(self) -> &'static str {
@@ -180,6 +188,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Vnni => "vnni",
+            Isa::Amx => "amx",
         }
     }
 
@@ -207,6 +216,8 @@ impl Isa {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Vnni => Isa::Avx512.available() && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Vnni.available() && amx::usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -224,7 +235,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => avx512::table,
             #[cfg(target_arch = "x86_64")]
-            Isa::Vnni => vnni::table,
+            Isa::Vnni | Isa::Amx => vnni::table,
             _ => scalar_table,
         }
     }
@@ -278,9 +289,14 @@ pub fn prefetch_distance() -> usize {
     })
 }
 
-/// The kernel family [`kernels`] uses (`"scalar"`, `"avx2"`, `"avx512"` or `"vnni"`).
+/// The kernel family [`kernels`] uses (`"scalar"`, `"avx2"`, `"avx512"`, `"vnni"` or `"amx"`).
 pub fn selected_isa() -> &'static str {
     selection().isa.name()
+}
+
+/// The kernel family [`kernels`] uses.
+pub fn selected() -> Isa {
+    selection().isa
 }
 
 /// Why the family differs from what `KT_ISA` asked for, if it does.
@@ -328,7 +344,7 @@ fn select(forced: Option<&str>) -> Selection {
         None => Selection {
             isa: best,
             note: Some(format!(
-                "KT_ISA={name:?} is not one of scalar, avx2, avx512, vnni; using {best}"
+                "KT_ISA={name:?} is not one of scalar, avx2, avx512, vnni, amx; using {best}"
             )),
         },
     }
@@ -435,7 +451,9 @@ mod tests {
         }
         assert!(describe(GgmlType::Q4_K).unwrap().starts_with("q4_K: dot_f32="));
         let q4k = kernels(GgmlType::Q4_K).unwrap();
-        assert!(selected_isa() == q4k.isa || selected_isa() == q4k.vec_dot_isa);
+        // `amx` serves the block formats with the `vnni` table.
+        let family = if selected() == Isa::Amx { "vnni" } else { selected_isa() };
+        assert!(family == q4k.isa || family == q4k.vec_dot_isa);
     }
 
     #[test]
