@@ -26,6 +26,7 @@ mod env {
     pub const MAX_MESSAGE_BYTES: &str = "KT_EXPERT_MAX_MESSAGE_BYTES";
     pub const MAX_TOKENS: &str = "KT_EXPERT_MAX_TOKENS";
     pub const ANSWER_SPIN_US: &str = "KT_EXPERT_ANSWER_SPIN_US";
+    pub const INT8_FROM: &str = "KT_EXPERT_INT8_FROM";
 }
 
 #[derive(Parser, Debug)]
@@ -87,6 +88,10 @@ struct Args {
     /// Most tokens per request. Default 8192.
     #[arg(long, env = env::MAX_TOKENS)]
     max_tokens: Option<usize>,
+    /// With a plan whose `experts.kernel` is `{decode: native, prefill: amx_int8}`: tokens per
+    /// call from which the repacked amx_int8 experts (AMX where the CPU has it) compute it.
+    #[arg(long, env = env::INT8_FROM, default_value_t = kt_models::moe::DEFAULT_INT8_FROM)]
+    int8_from: usize,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -115,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         numa: args.numa,
         threads: args.threads,
         answer_spin: std::time::Duration::from_micros(args.answer_spin_us),
+        prefill_from: args.int8_from,
         shm_dir: (!args.no_shm).then(|| args.shm_dir.clone()),
         mode: match args.matmul {
             Matmul::F32 => kt_models::MatmulMode::F32,
@@ -151,13 +157,10 @@ fn main() -> anyhow::Result<()> {
         "experts loaded"
     );
     let metrics = service.metrics();
-    // Two I/O threads, as `kt bench transport` measures: the calls compute on the pinned pool,
-    // and more tokio threads would only compete with it for the node's cores.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("kt-expert-io")
-        .enable_all()
-        .build()?;
+    // One I/O thread (kt_expert::io_runtime), as `kt bench transport` measures: the calls
+    // compute on the pinned pool, and a call's request and answer are handled on one thread
+    // without waking another.
+    let runtime = kt_expert::io_runtime()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await

@@ -36,8 +36,8 @@ pub use placement::{connect_plan, connect_plan_tier, PlanExperts, SlicedExperts}
 pub use remote::{Holding, LinkKind, RemoteExperts, RemoteOptions, ShmMode};
 pub use select::Selection;
 pub use server::{
-    load, load_plan, serve, ExpertService, ServerHandle, ServerOptions, DEFAULT_ANSWER_SPIN,
-    DEFAULT_SHM_DIR,
+    io_runtime, load, load_plan, serve, ExpertService, ServerHandle, ServerOptions,
+    DEFAULT_ANSWER_SPIN, DEFAULT_SHM_DIR,
 };
 
 use kt_models::ModelConfig;

@@ -592,23 +592,31 @@ impl Drop for Driving<'_> {
 
 /// Why no answer came.
 enum NoAnswer {
+    /// The stream was closed before the request could be sent.
+    NotSent,
     Timeout,
     Disconnected,
 }
 
 impl RemoteExperts {
-    /// Waits for a gRPC answer, driving the client's runtime on this thread (see
-    /// [`IDLE_AFTER`]): for `reply_poll` it yields between looks (the runtime polls the socket
-    /// without sleeping each time), then it sleeps until the answer, the stream's end or the
-    /// timeout.
+    /// Sends a gRPC request (`send` queues it on the stream; false: the stream is closed) and
+    /// waits for its answer, driving the client's runtime on this thread (see [`IDLE_AFTER`]):
+    /// for `reply_poll` it yields between looks (the runtime polls the socket without sleeping
+    /// each time), then it sleeps until the answer, the stream's end or the timeout.
     fn wait_answer(
         &self,
+        send: impl FnOnce() -> bool + Send,
         answer: oneshot::Receiver<Result<Vec<f32>, Failure>>,
     ) -> Result<Result<Vec<f32>, Failure>, NoAnswer> {
         let core = &self.core;
         let Some(rt) = self.runtime.as_ref() else { return Err(NoAnswer::Disconnected) };
         let (timeout, poll) = (core.opts.timeout, core.opts.reply_poll.min(core.opts.timeout));
         let wait = async move {
+            // Sent from inside the runtime: waking the stream's task is then a local
+            // schedule, not a remote one that writes the runtime's eventfd.
+            if !send() {
+                return Err(NoAnswer::NotSent);
+            }
             match tokio::time::timeout(timeout, poll_then_await(answer, poll)).await {
                 Ok(Some(v)) => Ok(v),
                 Ok(None) => Err(NoAnswer::Disconnected),
@@ -698,17 +706,18 @@ impl Experts for RemoteExperts {
             core.lock().pending.remove(&id);
         };
         let _driving = Driving::begin(core);
-        let sent = link
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|tx| tx.send(req).is_ok());
-        if !sent {
-            forget();
-            return Err(core.gone("the stream is closed"));
-        }
-        match self.wait_answer(answer) {
+        let send = move || {
+            link.tx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|tx| tx.send(req).is_ok())
+        };
+        match self.wait_answer(send, answer) {
+            Err(NoAnswer::NotSent) => {
+                forget();
+                Err(core.gone("the stream is closed"))
+            }
             Ok(Ok(out)) => Ok(out),
             Ok(Err(Failure::Refused(reason))) => {
                 Err(ModelError::ExpertsRefused(format!("expert server {}: {reason}", core.addr)))

@@ -1,14 +1,19 @@
 //! The `kt.v1.Expert` service over held experts.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use kt_models::moe::{ExpertKernel, FusedConfig};
 use kt_models::{load_experts, Experts, LocalExperts, MatmulMode, ModelConfig, ModelError};
+use kt_plan::ExpertFormat;
 use kt_proto::shm::{self, Backoff, HostId, Layout, Ring};
 use kt_proto::v1::expert_error::Code;
 use kt_proto::v1::expert_server::{Expert, ExpertServer};
@@ -23,9 +28,9 @@ use kt_proto::{
     CONFIG_HASH_HEADER, SHM_RING_HEADER, SHM_STATUS_HEADER,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_stream::StreamExt;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::{ErrorKind, Metrics, Via};
@@ -61,6 +66,12 @@ pub struct ServerOptions {
     /// kept from sleeping, so the answer goes out without a thread wake-up) when recent calls
     /// computed within it; longer computations are awaited asleep. Zero: always asleep.
     pub answer_spin: Duration,
+    /// The weight formats calls are computed on (a plan's `experts.kernel`): `native` (the
+    /// stored GGUF blocks) or `amx_int8` (repacked at load, on the pinned compute threads).
+    pub decode: ExpertFormat,
+    pub prefill: ExpertFormat,
+    /// Tokens per call from which a `prefill` format applies when it differs from `decode`.
+    pub prefill_from: usize,
 }
 
 impl Default for ServerOptions {
@@ -74,8 +85,37 @@ impl Default for ServerOptions {
             shm_dir: Some(PathBuf::from(DEFAULT_SHM_DIR)),
             shm_spin: Duration::ZERO,
             answer_spin: DEFAULT_ANSWER_SPIN,
+            decode: ExpertFormat::Native,
+            prefill: ExpertFormat::Native,
+            prefill_from: kt_models::moe::DEFAULT_INT8_FROM,
         }
     }
+}
+
+/// The kernel of `opts`' formats, and whether the experts must be repacked to `amx_int8`;
+/// an error names a format kt-expert does not compute.
+fn kernel_of(opts: &ServerOptions) -> Result<(ExpertKernel, bool), ExpertError> {
+    for f in [opts.decode, opts.prefill] {
+        if !matches!(f, ExpertFormat::Native | ExpertFormat::AmxInt8) {
+            return Err(ExpertError::Plan {
+                file: String::new(),
+                reason: format!(
+                    "expert kernel format `{}` is not implemented (kt-expert computes `native` \
+                     GGUF blocks and `amx_int8`)",
+                    f.name()
+                ),
+            });
+        }
+    }
+    let fused = ExpertKernel::Fused(FusedConfig::default());
+    Ok(match (opts.decode, opts.prefill) {
+        (ExpertFormat::AmxInt8, _) => (ExpertKernel::Int8 { path: None }, true),
+        (_, ExpertFormat::AmxInt8) => (
+            ExpertKernel::Hybrid { fused: FusedConfig::default(), int8_from: opts.prefill_from },
+            true,
+        ),
+        _ => (fused, false),
+    })
 }
 
 struct Inner {
@@ -101,6 +141,9 @@ struct Inner {
     rings: Mutex<Rings>,
     /// Whether the poller sleeps (parked) and must be woken for a queued call.
     poller_parked: AtomicBool,
+    /// The poller's thread, while it runs (to wake it). Apart from `rings`, which the poller
+    /// locks on every round: waking it must not make it wait for the lock next.
+    poller_thread: Mutex<Option<std::thread::Thread>>,
     /// Recent computation time of a gRPC call, ns (a moving average): decides whether the
     /// call's task waits for the answer awake (within `answer_spin`).
     recent_compute_ns: AtomicU64,
@@ -157,6 +200,15 @@ pub fn load_plan(
         reason: format!("reading the model's shape: {e}"),
     })?;
     let a = crate::placement::assignment(&plan, &shape, &opts.name)?;
+    let mut opts = opts;
+    if let Some(tier) = &plan.experts {
+        (opts.decode, opts.prefill) = (tier.decode, tier.prefill);
+    }
+    // A format kt-expert cannot compute is refused before anything is loaded.
+    kernel_of(&opts).map_err(|e| match e {
+        ExpertError::Plan { reason, .. } => ExpertError::Plan { file: plan.file.clone(), reason },
+        e => e,
+    })?;
     let parts = kt_models::open(path, gguf, opts.mode)?;
     if parts.config.hidden != shape.config.hidden
         || parts.config.n_layers != shape.config.n_layers
@@ -186,6 +238,29 @@ pub fn load_plan(
         "placement from the plan"
     );
     ExpertService::with_placement(&name, &parts.config, experts, Some(&a), opts)
+}
+
+/// Repacks every held expert to `amx_int8` on the current pool, logging the progress every
+/// tenth of the way (a large model takes minutes).
+fn repack_int8(experts: &mut LocalExperts) -> Result<(), ExpertError> {
+    let start = Instant::now();
+    let step = AtomicU64::new(0);
+    experts.repack_int8(
+        |_| true,
+        |done, total| {
+            let tenth = (done * 10 / total.max(1)) as u64;
+            if step.fetch_max(tenth, Ordering::Relaxed) < tenth {
+                tracing::info!(
+                    done,
+                    total,
+                    secs = start.elapsed().as_secs_f32(),
+                    "repacking experts to amx_int8: {}%",
+                    tenth * 10
+                );
+            }
+        },
+    )?;
+    Ok(())
 }
 
 /// `experts` with each held expert cut to `rows` of its intermediate dimension.
@@ -245,20 +320,42 @@ impl ExpertService {
                 _ => held.push(LayerExperts { layer: l as u32, experts: vec![e as u32] }),
             }
         }
+        let (kernel, repack) = kernel_of(&opts)?;
+        let mut isa = weight_ty
+            .and_then(kt_quant::kernels)
+            .map(|k| format!("{}/{}", k.isa, k.vec_dot_isa))
+            .unwrap_or_default();
+        if repack {
+            let path = kt_quant::packed::Path::for_tokens(usize::MAX);
+            isa = match kernel {
+                ExpertKernel::Hybrid { int8_from, .. } => {
+                    format!("{isa}; amx_int8 ({path}) from {int8_from} tokens")
+                }
+                _ => format!("amx_int8 ({path})"),
+            };
+        }
         let info = ExpertInfo {
             model: Some(model.clone()),
             held,
             weight_type: weight_ty.map(|t| t.name().to_string()).unwrap_or_default(),
-            kernel_isa: weight_ty
-                .and_then(kt_quant::kernels)
-                .map(|k| k.isa.to_string())
-                .unwrap_or_default(),
+            kernel_isa: isa,
             bytes_held: bytes,
             slice: placement.and_then(Assignment::slice_info),
             plan: placement.map(|a| a.plan.clone()),
             ..ExpertInfo::default()
         };
-        Self::build(Arc::new(experts), &model, info, opts)
+        let mut experts = experts;
+        Self::build(
+            move || {
+                if repack {
+                    repack_int8(&mut experts)?;
+                }
+                Ok(Arc::new(experts.with_kernel(kernel)) as Arc<dyn Experts>)
+            },
+            &model,
+            info,
+            opts,
+        )
     }
 
     /// Serves any [`Experts`] implementation (benchmarks, tests, stand-ins) as the model
@@ -271,12 +368,14 @@ impl ExpertService {
         opts: ServerOptions,
     ) -> Result<Self, ExpertError> {
         let info = ExpertInfo { model: Some(model.clone()), held, ..ExpertInfo::default() };
-        Self::build(experts, &model, info, opts)
+        Self::build(move || Ok(experts), &model, info, opts)
     }
 
-    /// The compute pool and the rest of `info` (name, NUMA node, limits) from `opts`.
+    /// The compute pool and the rest of `info` (name, NUMA node, limits) from `opts`;
+    /// `prepare` makes the experts on the pool (a repack's copies are first touched by its
+    /// pinned threads, so they live on their NUMA node).
     fn build(
-        experts: Arc<dyn Experts>,
+        prepare: impl FnOnce() -> Result<Arc<dyn Experts>, ExpertError> + Send,
         model: &ModelIdentity,
         mut info: ExpertInfo,
         opts: ServerOptions,
@@ -315,6 +414,7 @@ impl ExpertService {
             }
             _ => -1,
         };
+        let experts = pool.install(prepare)?;
         info.name = opts.name.clone();
         info.numa_node = numa_node;
         info.max_message_bytes = opts.limits.max_message_bytes as u64;
@@ -355,6 +455,7 @@ impl ExpertService {
                 rings_made: AtomicU64::new(0),
                 rings: Mutex::new(Rings::default()),
                 poller_parked: AtomicBool::new(false),
+                poller_thread: Mutex::new(None),
                 recent_compute_ns: AtomicU64::new(0),
                 answer_spin: opts.answer_spin,
             }),
@@ -412,6 +513,49 @@ impl Inner {
             }
         };
         ExpertResponse { request_id: call.request_id, result: Some(result) }
+    }
+
+    /// The answer to a request that does not decode (counted; the stream goes on).
+    fn malformed(
+        &self,
+        peer: &Option<SocketAddr>,
+        request_id: u64,
+        err: &kt_proto::WireError,
+    ) -> ExpertResponse {
+        tracing::debug!(?peer, %err, "malformed expert request");
+        self.metrics.error(ErrorKind::InvalidArgument);
+        ExpertResponse {
+            request_id,
+            result: Some(expert_response::Result::Error(WireExpertError {
+                code: Code::InvalidArgument as i32,
+                message: err.to_string(),
+            })),
+        }
+    }
+
+    /// Hands a decoded gRPC call to the pool; its answer comes on the receiver, to be waited
+    /// for awake for the returned time (see [`ServerOptions::answer_spin`]).
+    fn dispatch(
+        self: &Arc<Self>,
+        call: ExpertCall,
+        arrived: Instant,
+        permit: OwnedSemaphorePermit,
+    ) -> (oneshot::Receiver<ExpertResponse>, Duration) {
+        let (done, answer) = oneshot::channel();
+        let inner = self.clone();
+        self.spawn_call(move || {
+            let resp = inner.compute(call, arrived);
+            drop(permit);
+            let _ = done.send(resp);
+        });
+        let spin = if self.recent_compute_ns.load(Ordering::Relaxed)
+            < self.answer_spin.as_nanos() as u64
+        {
+            self.answer_spin
+        } else {
+            Duration::ZERO
+        };
+        (answer, spin)
     }
 
     /// Removes offered rings nobody attached in time.
@@ -477,7 +621,7 @@ impl Inner {
         self.pool.spawn(job);
         if self.poller_parked.load(Ordering::Acquire) {
             if let Some(t) =
-                self.rings.lock().unwrap_or_else(PoisonError::into_inner).thread.as_ref()
+                self.poller_thread.lock().unwrap_or_else(PoisonError::into_inner).as_ref()
             {
                 t.unpark();
             }
@@ -492,7 +636,7 @@ impl Inner {
     fn poll_rings(self: &Arc<Self>) {
         let mut rings: Vec<Arc<RingEntry>> = Vec::new();
         let mut backoff = Backoff::new(self.shm_spin);
-        self.rings.lock().unwrap_or_else(PoisonError::into_inner).thread =
+        *self.poller_thread.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(std::thread::current());
         loop {
             {
@@ -500,7 +644,7 @@ impl Inner {
                 shared.list.retain(|e| !e.stop.load(Ordering::Acquire));
                 if shared.list.is_empty() && shared.streams == 0 {
                     shared.poller = false;
-                    shared.thread = None;
+                    *self.poller_thread.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     return;
                 }
                 if shared.changed || rings.len() != shared.list.len() {
@@ -599,8 +743,6 @@ struct Rings {
     changed: bool,
     /// Whether the poller job is running.
     poller: bool,
-    /// Its thread, while it runs (to wake it).
-    thread: Option<std::thread::Thread>,
     /// Open `Forward` streams (the poller runs while there is one, or a ring).
     streams: usize,
 }
@@ -630,9 +772,140 @@ impl Drop for RingGuard {
     }
 }
 
+/// Waiting for a compute permit (`None`: the semaphore closed).
+type Acquire = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+
+/// A `Forward` stream served by the response body's own task: each poll reads the requests
+/// that have arrived (decoding them and handing them to the pool) and gives back the first
+/// answer that is ready. While an answer is expected soon (within the answer spin) the task
+/// yields instead of sleeping, so the answer is written without a wake-up; the request side
+/// and the answer side need no channel or task between them.
+pub struct Answers {
+    /// `None` once the client finished sending (or the stream failed).
+    inbound: Option<Streaming<ExpertRequest>>,
+    inner: Arc<Inner>,
+    peer: Option<SocketAddr>,
+    /// A permit being waited for (all are in use), with the call that needs it.
+    acquiring: Option<(Acquire, ExpertCall, Instant)>,
+    /// Calls on the pool: their answer and until when to wait for it awake.
+    waiting: Vec<(oneshot::Receiver<ExpertResponse>, Instant)>,
+    _guards: (Option<RingGuard>, StreamGuard),
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        self.inner.metrics.streams(-1);
+        tracing::debug!(peer = ?self.peer, "forward stream closed");
+    }
+}
+
+impl Stream for Answers {
+    type Item = Result<ExpertResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_answer(cx)
+    }
+}
+
+impl Answers {
+    fn poll_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<ExpertResponse, Status>>> {
+        loop {
+            // Answers first: they free permits and are what the client waits for.
+            let mut i = 0;
+            while i < self.waiting.len() {
+                match Pin::new(&mut self.waiting[i].0).poll(cx) {
+                    Poll::Ready(res) => {
+                        self.waiting.swap_remove(i);
+                        if let Ok(resp) = res {
+                            return Poll::Ready(Some(Ok(resp)));
+                        }
+                    }
+                    Poll::Pending => i += 1,
+                }
+            }
+            if let Some((acq, _, _)) = &mut self.acquiring {
+                match acq.as_mut().poll(cx) {
+                    Poll::Pending => return self.pending(cx),
+                    Poll::Ready(None) => {
+                        self.acquiring = None;
+                        self.inbound = None;
+                        continue;
+                    }
+                    Poll::Ready(Some(permit)) => {
+                        if let Some((_, call, arrived)) = self.acquiring.take() {
+                            self.start(call, arrived, permit);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(inbound) = self.inbound.as_mut() else {
+                return if self.waiting.is_empty() { Poll::Ready(None) } else { self.pending(cx) };
+            };
+            let msg = match Pin::new(inbound).poll_next(cx) {
+                Poll::Pending => return self.pending(cx),
+                Poll::Ready(None) => {
+                    self.inbound = None;
+                    continue;
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    tracing::warn!(peer = ?self.peer, %status, "forward stream failed");
+                    self.inner.metrics.error(ErrorKind::Stream);
+                    self.inbound = None;
+                    self.waiting.clear();
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Some(Ok(msg))) => msg,
+            };
+            let arrived = Instant::now();
+            let call = match decode_request(&msg, &self.inner.shape, &self.inner.limits) {
+                Ok(call) => call,
+                Err(err) => {
+                    return Poll::Ready(Some(Ok(self.inner.malformed(
+                        &self.peer,
+                        msg.request_id,
+                        &err,
+                    ))))
+                }
+            };
+            match self.inner.in_flight.clone().try_acquire_owned() {
+                Ok(permit) => self.start(call, arrived, permit),
+                Err(tokio::sync::TryAcquireError::Closed) => self.inbound = None,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    let sem = self.inner.in_flight.clone();
+                    self.acquiring = Some((
+                        Box::pin(async move { sem.acquire_owned().await.ok() }),
+                        call,
+                        arrived,
+                    ));
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, call: ExpertCall, arrived: Instant, permit: OwnedSemaphorePermit) {
+        let (answer, spin) = self.inner.dispatch(call, arrived, permit);
+        self.waiting.push((answer, Instant::now() + spin));
+    }
+
+    /// Nothing to give now: yield (to be polled again soon) while an answer is expected
+    /// within its spin, otherwise sleep until a waker fires.
+    fn pending<T>(&self, cx: &mut Context<'_>) -> Poll<T> {
+        let now = Instant::now();
+        if self.waiting.iter().any(|(_, until)| now < *until) {
+            let mut y = std::pin::pin!(tokio::task::yield_now());
+            let _ = y.as_mut().poll(cx);
+        }
+        Poll::Pending
+    }
+}
+
 #[tonic::async_trait]
 impl Expert for ExpertService {
-    type ForwardStream = ReceiverStream<Result<ExpertResponse, Status>>;
+    type ForwardStream = Answers;
 
     async fn forward(
         &self,
@@ -664,71 +937,19 @@ impl Expert for ExpertService {
                 }
             },
         };
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let inner = self.inner.clone();
-        inner.metrics.streams(1);
-        let polling = inner.stream_opened();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _polling = polling;
-            tracing::debug!(?peer, "forward stream opened");
-            loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::warn!(?peer, %status, "forward stream failed");
-                        inner.metrics.error(ErrorKind::Stream);
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                };
-                let arrived = Instant::now();
-                let call = match decode_request(&msg, &inner.shape, &inner.limits) {
-                    Ok(call) => call,
-                    Err(err) => {
-                        tracing::debug!(?peer, %err, "malformed expert request");
-                        inner.metrics.error(ErrorKind::InvalidArgument);
-                        let resp = ExpertResponse {
-                            request_id: msg.request_id,
-                            result: Some(expert_response::Result::Error(WireExpertError {
-                                code: Code::InvalidArgument as i32,
-                                message: err.to_string(),
-                            })),
-                        };
-                        if tx.send(Ok(resp)).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                let Ok(permit) = inner.in_flight.clone().acquire_owned().await else { break };
-                let (done, answer) = oneshot::channel();
-                let inner2 = inner.clone();
-                inner.spawn_call(move || {
-                    let resp = inner2.compute(call, arrived);
-                    drop(permit);
-                    let _ = done.send(resp);
-                });
-                let spin = if inner.recent_compute_ns.load(Ordering::Relaxed)
-                    < inner.answer_spin.as_nanos() as u64
-                {
-                    inner.answer_spin
-                } else {
-                    Duration::ZERO
-                };
-                let tx2 = tx.clone();
-                tokio::spawn(async move {
-                    if let Some(resp) = crate::remote::poll_then_await(answer, spin).await {
-                        let _ = tx2.send(Ok(resp)).await;
-                    }
-                });
-            }
-            inner.metrics.streams(-1);
-            tracing::debug!(?peer, "forward stream closed");
-        });
-        let mut response = Response::new(ReceiverStream::new(rx));
+        let inbound = request.into_inner();
+        self.inner.metrics.streams(1);
+        let polling = self.inner.stream_opened();
+        tracing::debug!(?peer, "forward stream opened");
+        let answers = Answers {
+            inbound: Some(inbound),
+            inner: self.inner.clone(),
+            peer,
+            acquiring: None,
+            waiting: Vec::new(),
+            _guards: (guard, polling),
+        };
+        let mut response = Response::new(answers);
         if let Some(status) = shm_status {
             let value = status.replace(|c: char| !c.is_ascii() || c.is_ascii_control(), "?");
             if let Ok(v) = value.parse() {
@@ -850,11 +1071,23 @@ pub async fn serve(
         .map_err(|e| ExpertError::Transport(e.to_string()))
 }
 
+/// The runtime a server's connections run on: one thread (a current-thread runtime). A gRPC
+/// call then costs no hand-off between I/O threads: the connection task that reads a request
+/// and the stream's task that decodes it, hands it to the compute pool and writes the answer
+/// run on the same thread, and no second worker is woken to look for work (on a 2-worker
+/// runtime that cost about two futex calls and a thread switch per hop). Computation runs on
+/// the compute pool, never here; what this thread does per call is framing and the wire
+/// conversion of the hidden states.
+pub fn io_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
 /// An expert server on its own runtime (tests, in-process tiers). Dropping it stops the server
 /// at once, as a killed process would: its connections are closed mid-stream.
 pub struct ServerHandle {
     addr: SocketAddr,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The thread driving the server's runtime, and what stops it.
+    driver: Option<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -866,19 +1099,25 @@ impl std::fmt::Debug for ServerHandle {
 impl ServerHandle {
     /// Binds `addr` (e.g. `127.0.0.1:0`) and serves `service` there.
     pub fn start(service: ExpertService, addr: &str) -> Result<Self, ExpertError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("kt-expert-io")
-            .enable_all()
-            .build()?;
+        let runtime = io_runtime()?;
         let listener = runtime.block_on(TcpListener::bind(addr))?;
         let addr = listener.local_addr()?;
-        runtime.spawn(async move {
-            if let Err(err) = serve(service, listener, std::future::pending()).await {
-                tracing::error!(%err, "expert server stopped");
-            }
-        });
-        Ok(Self { addr, runtime: Some(runtime) })
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("kt-expert-io".into()).spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    res = serve(service, listener, std::future::pending()) => {
+                        if let Err(err) = res {
+                            tracing::error!(%err, "expert server stopped");
+                        }
+                    }
+                    _ = stopped => {}
+                }
+            });
+            // Every connection task is dropped here: the sockets close mid-stream.
+            runtime.shutdown_background();
+        })?;
+        Ok(Self { addr, driver: Some((stop, thread)) })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -888,8 +1127,9 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        if let Some((stop, thread)) = self.driver.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
         }
     }
 }
