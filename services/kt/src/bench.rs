@@ -10,6 +10,7 @@ use kt_expert::WireDType;
 
 mod experts;
 mod gateway;
+mod generate;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -28,6 +29,9 @@ enum BenchCommand {
     /// The gateway's own added latency (p50/p99 to first token and per token) and its
     /// throughput at 1, 64 and 256 streams, against a simulated worker at a fixed rate.
     Gateway(gateway::GatewayArgs),
+    /// The whole model on the CPU backend: prefill and decode tokens/s of a synthetic prompt
+    /// and greedy generation.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,6 +86,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Transport(a) => transport(a),
         BenchCommand::Experts(a) => experts::run(a),
         BenchCommand::Gateway(a) => gateway::run(a),
+        BenchCommand::Generate(a) => generate::run(a),
     }
 }
 

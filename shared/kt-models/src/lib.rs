@@ -6,6 +6,7 @@
 //! pairing of an HF folder with GGUF weights), reads the config, and builds a [`Model`];
 //! [`generate`] runs the decode loop.
 
+pub mod bench_generate;
 pub mod config;
 pub mod generate;
 pub mod kv;
