@@ -349,7 +349,10 @@ fn packed() {
             for _ in 0..5 {
                 let s = Instant::now();
                 for _ in 0..reps {
-                    matmul(&p, 0..rows, &a, &mut out, rows, path).unwrap();
+                    if let Err(e) = matmul(&p, 0..rows, &a, &mut out, rows, path) {
+                        eprintln!("{e}");
+                        return;
+                    }
                     black_box(&out);
                 }
                 best = best.min(s.elapsed().as_secs_f64() / reps as f64);

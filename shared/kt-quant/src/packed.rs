@@ -44,18 +44,34 @@ pub const ROW_ALIGN: usize = 32;
 /// Token rows of [`QuantActs`] are padded to this multiple (two 16-row A tiles).
 pub const TOKEN_ALIGN: usize = 32;
 
-/// Quantizes `x` to symmetric int8 (`q = round(x / s)`, `s = max |x| / 127`) into `q`
-/// (`q.len() >= x.len()`; the rest of `q` is left alone) and returns `s` (0 for an all-zero or
-/// empty row; a non-finite value gives a non-finite `s`).
+/// Quantizes `x` to symmetric int8 (`q = round(x / s)`, ties to even, `s = max |x| / 127`) into
+/// `q` (`q.len() >= x.len()`; the rest of `q` is left alone) and returns `s` (0 for an all-zero
+/// or empty row; a NaN or infinite value gives a non-finite `s`, and zeros in `q` for NaN).
 pub fn quantize_row_i8(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if amax == 0.0 {
+    // Eight running maxima so the loop vectorizes (an f32 `max` fold does not).
+    let mut m = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, v) in m.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = chunks
+        .remainder()
+        .iter()
+        .fold(m.iter().fold(0f32, |a, b| a.max(*b)), |a, v| a.max(v.abs()));
+    // `max` skips NaN: look for one separately, so that it shows in the scale.
+    let amax = if x.iter().any(|v| v.is_nan()) { f32::NAN } else { amax };
+    if amax == 0.0 || amax.is_nan() {
         q[..x.len()].fill(0);
-        return 0.0;
+        return if amax == 0.0 { 0.0 } else { f32::NAN };
     }
     let id = 127.0 / amax;
     for (q, v) in q.iter_mut().zip(x) {
-        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        // Round to nearest, ties to even: adding and removing 1.5 · 2^23 leaves the integer
+        // part (|v · id| <= 127); no libm call, so the loop vectorizes.
+        const MAGIC: f32 = 12_582_912.0;
+        *q = ((v * id + MAGIC) - MAGIC) as i8;
     }
     amax / 127.0
 }
@@ -172,7 +188,8 @@ impl QuantActs {
         a
     }
 
-    fn zeroed(tokens: usize, cols: usize) -> Self {
+    /// `tokens` zero rows of `cols` values, to be filled through [`QuantActs::parts_mut`].
+    pub fn zeroed(tokens: usize, cols: usize) -> Self {
         let cols_p = cols.next_multiple_of(PANEL_K).max(PANEL_K);
         let stride = cols_p + PANEL_K;
         let rows = tokens.next_multiple_of(TOKEN_ALIGN).max(TOKEN_ALIGN);
@@ -192,6 +209,13 @@ impl QuantActs {
 
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// The quantized rows (row `t` at `t * stride`, `cols` values used) and the scales, for
+    /// filling rows in parallel with [`quantize_row_i8`]: `scale[t] = quantize_row_i8(x_t,
+    /// &mut q[t * stride..])`.
+    pub fn parts_mut(&mut self) -> (&mut [i8], usize, &mut [f32]) {
+        (&mut self.q, self.stride, &mut self.scale)
     }
 
     pub fn cols(&self) -> usize {

@@ -162,5 +162,17 @@ fn amx_peak_is_measured_only_where_amx_runs() {
         println!("AMX int8 peak, one thread: {:.2} TOPS", p / 1e12);
         assert!(p > 1e11, "{p}");
     }
-    assert_eq!(Path::for_tokens(1) == Path::Amx, false);
+    assert_ne!(Path::for_tokens(1), Path::Amx, "one token is never worth an AMX tile");
+}
+
+#[test]
+fn non_finite_rows_give_non_finite_scales() {
+    let mut q = [5i8; 4];
+    assert!(packed::quantize_row_i8(&[1.0, f32::NAN, 2.0, 3.0], &mut q).is_nan());
+    assert!(packed::quantize_row_i8(&[1.0, f32::INFINITY, 2.0, 3.0], &mut q).is_infinite());
+    assert_eq!(packed::quantize_row_i8(&[0.0; 4], &mut q), 0.0);
+    assert_eq!(q, [0; 4]);
+    // Ties round to even: 0.5 and 1.5 steps (amax 127 makes the step exactly 1).
+    let s = packed::quantize_row_i8(&[0.5, 1.5, -2.5, 127.0], &mut q);
+    assert_eq!((s, q), (1.0, [0, 2, -2, 127]));
 }

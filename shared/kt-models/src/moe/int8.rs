@@ -25,7 +25,7 @@ use super::fused::{
 };
 use super::{Mlp, Routing};
 use crate::linear::Linear;
-use crate::ops::silu;
+use crate::ops::silu_mul_fast;
 use crate::ModelError;
 
 /// One expert's three projections in the `amx_int8` format.
@@ -114,6 +114,20 @@ fn aligned_items(
     out
 }
 
+/// `x` (rows of `h`) quantized per token, rows in parallel when `par`.
+fn quantize(x: &[f32], h: usize, par: bool) -> QuantActs {
+    if !par {
+        return QuantActs::new(x, h);
+    }
+    let mut a = QuantActs::zeroed(x.len() / h, h);
+    let (q, stride, scale) = a.parts_mut();
+    q.par_chunks_mut(stride)
+        .zip(scale.par_iter_mut())
+        .zip(x.par_chunks_exact(h))
+        .for_each(|((q, s), x)| *s = packed::quantize_row_i8(x, q));
+    a
+}
+
 /// One layer on packed experts: `hidden` holds `n` rows of `h`; `path` forces a kernel (else
 /// [`Path::for_tokens`] of each expert's token count). `routing` was validated by the caller
 /// (every routed id held here); `None` if an id has no packed expert.
@@ -144,7 +158,7 @@ pub(super) fn forward(
     let par = pairs > SERIAL_PAIRS;
     let path_for = |nt: usize| path.unwrap_or_else(|| Path::for_tokens(nt));
 
-    let acts = QuantActs::new(hidden, h);
+    let acts = quantize(hidden, h, par);
     let idx: Vec<usize> = (0..active.len()).collect();
     let gathered: Vec<QuantActs> = map_items(&idx, par, |&i| acts.gather(active[i].1));
 
@@ -164,9 +178,7 @@ pub(super) fn forward(
             if !ok {
                 g.fill(f32::NAN);
             }
-            for (g, u) in g.iter_mut().zip(&u) {
-                *g = silu(*g) * u;
-            }
+            silu_mul_fast(&mut g, &u);
             g
         })
         .collect();
@@ -198,5 +210,6 @@ pub(super) fn forward(
         .collect();
     drop(down_acts);
     let routed: Vec<(&[usize], &[f32])> = active.iter().map(|a| (a.1, a.2)).collect();
-    Some(weighted_sum(&routed, &work, &blocks, n, h, par))
+    let out = weighted_sum(&routed, &work, &blocks, n, h, par);
+    Some(out)
 }

@@ -235,6 +235,9 @@ unsafe fn amx(w: WeightView<'_>, rows: Range<usize>, a: ActsView<'_>, out: &mut 
     debug_assert!(p0.is_multiple_of(2) && (p1.next_multiple_of(2)) * PANEL_ROWS <= w.rows_p);
     debug_assert!(a.q.len() >= blocks * 32 * lda);
     let mut c = Acc([0; 4 * 256]);
+    let (pf_a, pf_next) = prefetch_plan();
+    // No prefetch past this call's last row pair.
+    let last_pair = p1.next_multiple_of(2).saturating_sub(2);
     let cfg = TileConfig::all_16x64();
     // SAFETY: the caller checked AMX (see `matmul_amx`).
     unsafe { load_tiles(&cfg) };
@@ -257,8 +260,14 @@ unsafe fn amx(w: WeightView<'_>, rows: Range<usize>, a: ActsView<'_>, out: &mut 
                     options(nostack, nomem)
                 );
                 for b in 0..kb {
-                    if b + 1 < kb && prefetch_a() {
-                        prefetch_next(a0, a1, b0, b1, lda, b + 1);
+                    if pf_a && b + 1 < kb {
+                        prefetch_a(a0, a1, lda, b + 1);
+                    }
+                    // The next row pair's panels for this step, into L2, while this pair's
+                    // first token block computes: tile loads straight from DRAM stall.
+                    if pf_next && blk == 0 && p < last_pair {
+                        let next = b1.wrapping_add(kb * PANEL_BYTES);
+                        prefetch_b::<_MM_HINT_T1>(next, next.wrapping_add(kb * PANEL_BYTES), b);
                     }
                     asm!(
                         "tileloadd tmm4, [{a0} + {lda}*1]",
@@ -315,39 +324,44 @@ unsafe fn amx(w: WeightView<'_>, rows: Range<usize>, a: ActsView<'_>, out: &mut 
     unsafe { release_tiles() };
 }
 
-/// Prefetches into L1 what step `b` of the AMX kernel loads: 16 activation rows of each A tile
-/// (strided, which the hardware prefetchers do not follow) and, per `KT_AMX_PREFETCH_B`, the
-/// two weight panels.
+/// Prefetches into L1 what step `b` of the AMX kernel loads from the activations: the 16 rows
+/// of each A tile (strided, which the hardware prefetchers do not follow).
 #[inline(always)]
-fn prefetch_next(a0: *const i8, a1: *const i8, b0: *const i8, b1: *const i8, lda: usize, b: usize) {
+fn prefetch_a(a0: *const i8, a1: *const i8, lda: usize, b: usize) {
     let off = b * PANEL_K;
     for i in 0..16 {
-        prefetch(a0.wrapping_add(off + i * lda));
-        prefetch(a1.wrapping_add(off + i * lda));
+        prefetch::<_MM_HINT_T0>(a0.wrapping_add(off + i * lda));
+        prefetch::<_MM_HINT_T0>(a1.wrapping_add(off + i * lda));
     }
-    if prefetch_b() {
-        let off = b * PANEL_BYTES;
-        for i in 0..16 {
-            prefetch(b0.wrapping_add(off + i * 64));
-            prefetch(b1.wrapping_add(off + i * 64));
-        }
+}
+
+/// Prefetches (with hint `H`) the two weight panels of step `b` of the row pair whose panels
+/// start at `b0` and `b1` (contiguous 1 KiB each).
+#[inline(always)]
+fn prefetch_b<const H: i32>(b0: *const i8, b1: *const i8, b: usize) {
+    let off = b * PANEL_BYTES;
+    for i in 0..16 {
+        prefetch::<H>(b0.wrapping_add(off + i * 64));
+        prefetch::<H>(b1.wrapping_add(off + i * 64));
     }
 }
 
 #[inline(always)]
-fn prefetch(p: *const i8) {
+fn prefetch<const H: i32>(p: *const i8) {
     // SAFETY: SSE is part of x86-64, and a prefetch never faults, whatever the address.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+    unsafe { _mm_prefetch::<H>(p) };
 }
 
-fn prefetch_a() -> bool {
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| std::env::var("KT_AMX_PREFETCH_A").map_or(true, |v| v != "0"))
-}
-
-fn prefetch_b() -> bool {
-    static B: OnceLock<bool> = OnceLock::new();
-    *B.get_or_init(|| std::env::var("KT_AMX_PREFETCH_B").is_ok_and(|v| v == "1"))
+/// Software prefetch of the AMX kernel: whether the next step's activation rows are fetched
+/// into L1 (`KT_AMX_PREFETCH_A`, default on, `0` = off) and whether the next row pair's weight
+/// panels are fetched into L2 during the current pair (`KT_AMX_PREFETCH_B`, default on, `0` =
+/// off). Read once.
+fn prefetch_plan() -> (bool, bool) {
+    static P: OnceLock<(bool, bool)> = OnceLock::new();
+    *P.get_or_init(|| {
+        let on = |n: &str| std::env::var(n).map_or(true, |v| v.trim() != "0");
+        (on("KT_AMX_PREFETCH_A"), on("KT_AMX_PREFETCH_B"))
+    })
 }
 
 /// One thread's sustained `TDPBSSD` rate, in int8 operations per second (see
