@@ -68,6 +68,11 @@ pub struct ModelArgs {
     /// How activations meet quantized weights.
     #[arg(long, value_enum, default_value_t = Matmul::F32, env = "KT_MATMUL")]
     matmul: Matmul,
+    /// Repack the routed experts to amx_int8 after loading (AMX on CPUs that have it) and
+    /// compute calls of at least this many tokens (prefill) on them, shorter ones on the GGUF
+    /// weights; 0: every call. Without it, the GGUF weights only.
+    #[arg(long, env = "KT_INT8_FROM")]
+    int8_from: Option<usize>,
 }
 
 /// How tokens are chosen.
@@ -192,18 +197,28 @@ fn main() -> Result<()> {
     }
 }
 
-/// Loads the model `args` names (the embedded one without --model).
+/// Loads the model `args` names (the embedded one without --model), its routed experts
+/// repacked to amx_int8 on the global rayon pool when --int8-from asks.
 pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
     let mode = match args.matmul {
         Matmul::F32 => MatmulMode::F32,
         Matmul::Ggml => MatmulMode::Ggml,
     };
-    match &args.model {
+    let mut loaded = match &args.model {
         Some(path) => kt_models::load(path, args.gguf.as_deref(), mode)
-            .with_context(|| format!("loading {}", path.display())),
+            .with_context(|| format!("loading {}", path.display()))?,
         None if args.gguf.is_some() => bail!("--gguf needs --model (the HF folder it pairs with)"),
-        None => embedded::load(mode),
+        None => embedded::load(mode)?,
+    };
+    if let Some(from) = args.int8_from {
+        let t0 = Instant::now();
+        let kernel = loaded.model.repack_experts_int8(from, |_, _| {})?;
+        tracing::info!(
+            secs = t0.elapsed().as_secs_f32(),
+            "routed experts repacked to amx_int8; kernel: {kernel}"
+        );
     }
+    Ok(loaded)
 }
 
 /// The tokenizer that goes with the model at `path` (the embedded model's without one).

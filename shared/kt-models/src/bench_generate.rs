@@ -13,11 +13,17 @@
 //! `gen_len` is 1). Loading, and the optional warm-up (one untimed prefill of the same shape,
 //! so that memory-mapped weights are paged in as a benchmark's later runs would find them),
 //! run on the same pool of `threads` threads as the measured steps.
+//!
+//! With `int8_from`, the routed experts are repacked to `amx_int8` after loading, on that pool
+//! too ([`Model::repack_experts_int8`]: timed apart from loading), and computed with
+//! [`ExpertKernel::Hybrid`]: steps of fewer than `int8_from` tokens (decode) on the GGUF
+//! weights, longer ones (prefill) on the int8 copies (AMX on CPUs that have it).
 
 use std::path::Path;
 use std::time::Instant;
 
 use crate::kv::{KvPool, SeqKv};
+use crate::moe::ExpertKernel;
 use crate::{load, MatmulMode, Model, ModelError, Step};
 
 /// Positions per KV block of the benchmark's pool (as a [`Model::new_sequence`] holds).
@@ -40,6 +46,10 @@ pub struct GenerateBenchConfig {
     pub warmup: bool,
     /// How activations meet quantized weights.
     pub mode: MatmulMode,
+    /// Repack the routed experts to `amx_int8` after loading and compute calls of at least
+    /// this many tokens on them (0: every call); None keeps the GGUF kernels. Only [`run`]
+    /// repacks ([`measure`] takes the model as it is).
+    pub int8_from: Option<usize>,
 }
 
 impl Default for GenerateBenchConfig {
@@ -52,6 +62,7 @@ impl Default for GenerateBenchConfig {
             seed: 0,
             warmup: true,
             mode: MatmulMode::Ggml,
+            int8_from: None,
         }
     }
 }
@@ -65,6 +76,10 @@ pub struct GenerateBench {
     pub gen_len: usize,
     /// Seconds to load the model (0 when the caller passed a loaded one).
     pub load_s: f64,
+    /// Seconds to repack the routed experts to `amx_int8` (None when they were not).
+    pub repack_s: Option<f64>,
+    /// The routed experts' kernel (None when the model computes them elsewhere).
+    pub experts_kernel: Option<ExpertKernel>,
     /// Seconds from the prompt's step to the first generated token.
     pub prefill_s: f64,
     /// Seconds of the remaining `gen_len - 1` decode steps.
@@ -78,7 +93,8 @@ pub struct GenerateBench {
 }
 
 /// Loads the model at `path` (with `gguf` weights paired to an HF folder, as `kt generate`
-/// takes them) on a pool of `cfg.threads` threads and measures it there.
+/// takes them) on a pool of `cfg.threads` threads, repacks its experts there when
+/// `cfg.int8_from` asks, and measures it there.
 pub fn run(
     path: &Path,
     gguf: Option<&Path>,
@@ -86,10 +102,19 @@ pub fn run(
 ) -> Result<GenerateBench, ModelError> {
     let pool = pool(cfg.threads)?;
     let t0 = Instant::now();
-    let loaded = pool.install(|| load(path, gguf, cfg.mode))?;
+    let mut loaded = pool.install(|| load(path, gguf, cfg.mode))?;
     let load_s = t0.elapsed().as_secs_f64();
+    let repack_s = match cfg.int8_from {
+        Some(from) => {
+            let t1 = Instant::now();
+            pool.install(|| loaded.model.repack_experts_int8(from, |_, _| {}))?;
+            Some(t1.elapsed().as_secs_f64())
+        }
+        None => None,
+    };
     let mut res = pool.install(|| measure_here(&loaded.model, cfg))?;
     res.load_s = load_s;
+    res.repack_s = repack_s;
     Ok(res)
 }
 
@@ -177,6 +202,8 @@ fn measure_here(model: &Model, cfg: &GenerateBenchConfig) -> Result<GenerateBenc
         prompt_len: cfg.prompt_len,
         gen_len: cfg.gen_len,
         load_s: 0.0,
+        repack_s: None,
+        experts_kernel: model.experts_kernel(),
         prefill_s,
         decode_s,
         prefill_tokens_per_s: (cfg.batch * cfg.prompt_len) as f64 / prefill_s.max(1e-9),

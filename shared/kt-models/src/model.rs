@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::config::{AttentionConfig, ModelConfig, RopeScaling};
 use crate::kv::{KvPool, SeqKv};
 use crate::linear::{row_f32, to_f32, Linear, MatmulMode};
-use crate::moe::{route, Experts, LocalExperts, Mlp};
+use crate::moe::{route, ExpertKernel, Experts, LocalExperts, Mlp};
 use crate::names::{ExpertTensor, LayerTensor as T, Scheme};
 use crate::ops::{rms_norm, sigmoid, softmax, Rope};
 use crate::ModelError;
@@ -158,6 +158,9 @@ pub struct Model {
     rope: Rope,
     softmax_scale_mult: f32,
     experts: Arc<dyn Experts>,
+    /// The routed experts loaded with the model, typed: the same allocation as `experts` until
+    /// [`Model::with_experts`] replaces them (how [`Model::repack_experts_int8`] reaches them).
+    local: Option<Arc<LocalExperts>>,
     /// The MoE config routing uses when fewer experts per token than the model's top-k are
     /// in force ("selective experts", [`Model::with_experts_per_token`]).
     selective: Option<crate::config::MoeConfig>,
@@ -277,9 +280,11 @@ impl Model {
             RopeScaling::Yarn(y) => y.softmax_scale_mult,
             _ => 1.0,
         };
+        let local = Arc::new(experts);
         Ok(Self {
             rope: Rope::new(&c.rope),
-            experts: Arc::new(experts),
+            experts: local.clone(),
+            local: Some(local),
             config,
             embed,
             final_norm,
@@ -331,7 +336,56 @@ impl Model {
     /// Replaces the routed-expert implementation (e.g. with a remote expert tier).
     pub fn with_experts(mut self, experts: Arc<dyn Experts>) -> Self {
         self.experts = experts;
+        self.local = None;
         self
+    }
+
+    /// The kernel of the routed experts loaded with the model (None after
+    /// [`Model::with_experts`]).
+    pub fn experts_kernel(&self) -> Option<ExpertKernel> {
+        self.local.as_ref().map(|l| l.kernel())
+    }
+
+    /// Repacks the routed experts loaded with the model to `amx_int8` on the current rayon
+    /// pool ([`LocalExperts::repack_int8`]: its threads first touch the copies;
+    /// `progress(done, total)` after each expert) and computes them with
+    /// [`ExpertKernel::Hybrid`]: calls of fewer than `int8_from` tokens on the GGUF weights
+    /// with the fused kernel, longer ones on the int8 copies; `int8_from` 0 is
+    /// [`ExpertKernel::Int8`] (every call). Returns the kernel now in force.
+    ///
+    /// Fails, leaving the model as it was, when its experts were replaced
+    /// ([`Model::with_experts`]) or are shared (a clone of [`Model::experts`] is alive).
+    pub fn repack_experts_int8(
+        &mut self,
+        int8_from: usize,
+        progress: impl Fn(usize, usize) + Sync,
+    ) -> Result<ExpertKernel, ModelError> {
+        let Some(mut local) = self.local.take() else {
+            return Err(ModelError::Unsupported(
+                "repacking experts to amx_int8: the model's routed experts are not the ones \
+                 loaded with it"
+                    .into(),
+            ));
+        };
+        // `experts` is the same allocation: let go of that handle while the experts change.
+        self.experts = Arc::new(LocalExperts::default());
+        let res = match Arc::get_mut(&mut local) {
+            None => Err(ModelError::Unsupported(
+                "repacking experts to amx_int8: the model's routed experts are shared".into(),
+            )),
+            Some(experts) => experts.repack_int8(|_| true, progress).map(|()| {
+                let kernel = if int8_from == 0 {
+                    ExpertKernel::Int8 { path: None }
+                } else {
+                    ExpertKernel::Hybrid { fused: Default::default(), int8_from }
+                };
+                *experts = std::mem::take(experts).with_kernel(kernel);
+                kernel
+            }),
+        };
+        self.experts = local.clone();
+        self.local = Some(local);
+        res
     }
 
     /// Routes each token to only its `k` best experts instead of the model's top-k

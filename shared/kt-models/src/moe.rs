@@ -160,6 +160,22 @@ pub enum ExpertKernel {
 /// (measured with `kt bench experts --int8`; BENCHMARKS.md).
 pub const DEFAULT_INT8_FROM: usize = 128;
 
+/// `reference`, `fused`, `amx_int8 (<path>)` (the path of long calls on this CPU, or the
+/// forced one), `fused below N tokens, amx_int8 (<path>) from N`.
+impl std::fmt::Display for ExpertKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let long = || kt_quant::packed::Path::for_tokens(usize::MAX);
+        match *self {
+            ExpertKernel::Reference => f.write_str("reference"),
+            ExpertKernel::Fused(_) => f.write_str("fused"),
+            ExpertKernel::Int8 { path } => write!(f, "amx_int8 ({})", path.unwrap_or_else(long)),
+            ExpertKernel::Hybrid { int8_from, .. } => {
+                write!(f, "fused below {int8_from} tokens, amx_int8 ({}) from {int8_from}", long())
+            }
+        }
+    }
+}
+
 impl Default for ExpertKernel {
     fn default() -> Self {
         ExpertKernel::Fused(FusedConfig::default())

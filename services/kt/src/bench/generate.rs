@@ -33,6 +33,12 @@ pub struct GenerateArgs {
     /// How activations meet quantized weights (ggml: quantized activations, the fast path).
     #[arg(long, value_enum, default_value_t = Matmul::Ggml, env = "KT_MATMUL")]
     matmul: Matmul,
+    /// Repack the routed experts to amx_int8 after loading (on the bench's threads; timed
+    /// apart) and compute steps of at least this many tokens on them (prefill; AMX on CPUs
+    /// that have it), shorter ones on the GGUF weights; 0: every step. Without it, the GGUF
+    /// weights only.
+    #[arg(long, env = "KT_INT8_FROM")]
+    int8_from: Option<usize>,
     /// First token id of the synthetic prompt.
     #[arg(long, default_value_t = 0, env = "KT_BENCH_SEED")]
     seed: u64,
@@ -57,6 +63,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         warmup: !a.no_warmup,
         mode,
+        int8_from: a.int8_from,
     };
     let r = bench_generate::run(&a.model, a.gguf.as_deref(), &cfg)
         .with_context(|| format!("benchmarking {}", a.model.display()))?;
@@ -74,6 +81,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "gen_len": r.gen_len,
             "generated": r.tokens.first().map_or(0, Vec::len),
             "load_s": r.load_s,
+            "repack_s": r.repack_s,
+            "experts_kernel": r.experts_kernel.map(|k| k.to_string()),
             "prefill_s": r.prefill_s,
             "decode_s": r.decode_s,
             "prefill_tokens_per_s": r.prefill_tokens_per_s,
@@ -86,6 +95,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     writeln!(out, "threads  {}", r.threads)?;
     writeln!(out, "batch    {}", r.batch)?;
     writeln!(out, "load     {:.3} s", r.load_s)?;
+    if let Some(k) = r.experts_kernel {
+        writeln!(out, "experts  {k}")?;
+    }
+    if let Some(s) = r.repack_s {
+        writeln!(out, "repack   {s:.3} s (routed experts to amx_int8)")?;
+    }
     writeln!(
         out,
         "prefill  {:.2} tokens/s ({} × {} prompt tokens in {:.3} s, to the first generated token)",
