@@ -27,6 +27,7 @@ mod env {
     pub const MAX_TOKENS: &str = "KT_EXPERT_MAX_TOKENS";
     pub const ANSWER_SPIN_US: &str = "KT_EXPERT_ANSWER_SPIN_US";
     pub const INT8_FROM: &str = "KT_EXPERT_INT8_FROM";
+    pub const AWAKE_AFTER_GRPC: &str = "KT_EXPERT_AWAKE_AFTER_GRPC";
 }
 
 #[derive(Parser, Debug)]
@@ -92,6 +93,11 @@ struct Args {
     /// call from which the repacked amx_int8 experts (AMX where the CPU has it) compute it.
     #[arg(long, env = env::INT8_FROM, default_value_t = kt_models::moe::DEFAULT_INT8_FROM)]
     int8_from: usize,
+    /// Keep the compute pool's poller awake for 2 ms after each gRPC call, so the next call
+    /// starts without a thread wake-up (one core kept busy while calls flow). Default: on with
+    /// at least 4 CPUs.
+    #[arg(long, env = env::AWAKE_AFTER_GRPC)]
+    awake_after_grpc: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -121,6 +127,9 @@ fn main() -> anyhow::Result<()> {
         threads: args.threads,
         answer_spin: std::time::Duration::from_micros(args.answer_spin_us),
         prefill_from: args.int8_from,
+        awake_after_grpc: args
+            .awake_after_grpc
+            .unwrap_or(ServerOptions::default().awake_after_grpc),
         shm_dir: (!args.no_shm).then(|| args.shm_dir.clone()),
         mode: match args.matmul {
             Matmul::F32 => kt_models::MatmulMode::F32,
