@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use kt_plan::{resolve, Limits, ModelShape, Plan, WeightDtype, GIB};
+use kt_models::moe::DEFAULT_INT8_FROM;
+use kt_plan::{resolve, ExpertFormat, Limits, ModelShape, Placement, Plan, WeightDtype, GIB};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -71,17 +72,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let limits = Limits { gpu: gib(a.gpu_mem, "--gpu-mem")?, host: gib(a.host_mem, "--host-mem")? };
     let plan = Plan::load(&a.plan)?;
     let model = ModelShape::open(&a.model, dtype)?;
-    let placement = resolve(&plan, &model, &limits);
     if check {
-        for w in &placement.warnings {
-            eprintln!("warning: {w}");
-        }
-        if !placement.ok() {
-            for p in &placement.problems {
-                eprintln!("error: {}: {p}", plan.file);
-            }
-            bail!("{}: {} problem(s) with {}", plan.file, placement.problems.len(), model.name);
-        }
+        let placement = checked(&plan, &model, &limits)?;
         let gpus: Vec<String> = plan
             .devices
             .iter()
@@ -96,10 +88,79 @@ pub fn run(args: PlanArgs) -> Result<()> {
             gpus.join(", ")
         );
     } else {
+        let placement = resolve(&plan, &model, &limits);
         print!("{}", placement.render(tensors));
         if !placement.ok() {
             bail!("{}: {} problem(s)", plan.file, placement.problems.len());
         }
     }
     Ok(())
+}
+
+/// Resolves `plan` against `model` as `kt plan check` does: warnings and every problem go to
+/// stderr naming the plan file, and any problem is an error.
+pub fn checked<'a>(
+    plan: &'a Plan,
+    model: &'a ModelShape,
+    limits: &Limits,
+) -> Result<Placement<'a>> {
+    let placement = resolve(plan, model, limits);
+    for w in &placement.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !placement.ok() {
+        for p in &placement.problems {
+            eprintln!("error: {}: {p}", plan.file);
+        }
+        let first =
+            placement.problems.first().map(|p| format!(" (first: {p})")).unwrap_or_default();
+        bail!("{}: {} problem(s) with {}{first}", plan.file, placement.problems.len(), model.name);
+    }
+    Ok(placement)
+}
+
+/// The `--int8-from` a plan's expert kernel asks of a process that computes its routed experts
+/// itself: decode `amx_int8` is every call (0); prefill `amx_int8` alone is `flag` or
+/// [`DEFAULT_INT8_FROM`] tokens; `native` for both keeps `flag`. kt computes no other format.
+pub fn int8_from_for(
+    decode: ExpertFormat,
+    prefill: ExpertFormat,
+    flag: Option<usize>,
+) -> Result<Option<usize>, String> {
+    for f in [decode, prefill] {
+        if !matches!(f, ExpertFormat::Native | ExpertFormat::AmxInt8) {
+            return Err(format!(
+                "expert kernel format `{}` is not implemented (kt computes `native`, the stored \
+                 weights, and `amx_int8`)",
+                f.name()
+            ));
+        }
+    }
+    Ok(match (decode, prefill) {
+        (ExpertFormat::AmxInt8, _) => Some(0),
+        (_, ExpertFormat::AmxInt8) => Some(flag.unwrap_or(DEFAULT_INT8_FROM)),
+        _ => flag,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ExpertFormat::{AmxBf16, AmxInt4, AmxInt8, Bf16, Native};
+
+    #[test]
+    fn kernel_formats_map_to_int8_from() {
+        assert_eq!(int8_from_for(Native, Native, None), Ok(None));
+        assert_eq!(int8_from_for(Native, Native, Some(7)), Ok(Some(7)));
+        assert_eq!(int8_from_for(AmxInt8, AmxInt8, Some(7)), Ok(Some(0)));
+        assert_eq!(int8_from_for(AmxInt8, Native, None), Ok(Some(0)));
+        assert_eq!(int8_from_for(Native, AmxInt8, None), Ok(Some(DEFAULT_INT8_FROM)));
+        assert_eq!(int8_from_for(Native, AmxInt8, Some(32)), Ok(Some(32)));
+        for f in [Bf16, AmxBf16, AmxInt4] {
+            let e = int8_from_for(Native, f, None).unwrap_err();
+            assert!(e.contains(f.name()) && e.contains("not implemented"), "{e}");
+            assert!(int8_from_for(f, AmxInt8, None).is_err());
+        }
+    }
 }

@@ -3,13 +3,15 @@
 //! in-process channel (the same code paths as separate services); the routed experts are
 //! held in this process and called directly through the expert seam.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use kt_gateway::{in_process_channel, Gateway, GatewayConfig, ModelCard, WorkerEndpoint};
+use kt_plan::{Device, ExpertFormat, Limits, ModelShape, Plan};
 use kt_worker::{CpuBackend, Engine, EngineOptions, KvSize, WorkerService};
 
 use crate::ModelArgs;
@@ -62,6 +64,11 @@ pub struct ServeArgs {
     /// Origins allowed by CORS, repeatable or comma-separated (`*` = any); none = no CORS.
     #[arg(long = "cors-origin", env = "KT_SERVE_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// A placement plan (rules/*.yaml), checked against the model as `kt plan check` does.
+    /// Its expert kernel (`experts.kernel`) sets how the routed experts are computed here;
+    /// all of them are held in this process, and `cuda:N` devices are not used (CPU only).
+    #[arg(long, env = "KT_SERVE_PLAN", requires = "model")]
+    plan: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -70,6 +77,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if !(args.queue_timeout_s >= 0.0 && args.queue_timeout_s.is_finite()) {
         anyhow::bail!("--queue-timeout-s {}: must be a number ≥ 0", args.queue_timeout_s);
+    }
+    let mut args = args;
+    if let Some(plan) = &args.plan {
+        args.model.int8_from = apply_plan(plan, &args.model)?;
     }
     let loaded = crate::load_model(&args.model)?;
     let (name, mut card) = match &args.model.model {
@@ -146,4 +157,65 @@ pub fn run(args: ServeArgs) -> Result<()> {
 fn model_name(path: &std::path::Path) -> String {
     let p = PathBuf::from(path);
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+/// Checks the plan at `path` against the model as `kt plan check` does and returns the
+/// `--int8-from` its expert kernel asks for. One process holds every routed expert and
+/// computes on the CPU, so the plan's server split and GPU devices are reported, not applied.
+fn apply_plan(path: &Path, model: &ModelArgs) -> Result<Option<usize>> {
+    let Some(model_path) = &model.model else {
+        bail!("--plan needs --model (the plan is checked against the model's shape)");
+    };
+    let plan = Plan::load(path)?;
+    let shape = ModelShape::open(model_path, None)
+        .with_context(|| format!("{}: reading the model's shape", plan.file))?;
+    let placement = crate::plan::checked(&plan, &shape, &Limits::default())?;
+    let (decode, prefill) = match &plan.experts {
+        Some(t) => (t.decode, t.prefill),
+        None => (ExpertFormat::Native, ExpertFormat::Native),
+    };
+    let int8_from = crate::plan::int8_from_for(decode, prefill, model.int8_from)
+        .map_err(|reason| anyhow::anyhow!("{}: experts.kernel: {reason}", plan.file))?;
+    if let Some(flag) = model.int8_from.filter(|_| int8_from != model.int8_from) {
+        tracing::warn!(
+            plan = %plan.file,
+            "--int8-from {flag} is overridden by the plan's experts.kernel.decode amx_int8 \
+             (every call)"
+        );
+    }
+    let gpus: Vec<String> = plan
+        .devices
+        .iter()
+        .chain(plan.experts.as_ref().and_then(|t| t.hot.as_ref()).map(|h| &h.device))
+        .filter(|d| matches!(d, Device::Cuda(_)))
+        .map(|d| d.to_string())
+        .collect();
+    if !gpus.is_empty() {
+        tracing::warn!(
+            plan = %plan.file,
+            "the plan places tensors on {}, but kt serve computes on the CPU only: its GPU \
+             placement is not applied (run kt-worker --plan for GPUs)",
+            gpus.join(", ")
+        );
+    }
+    let held: BTreeSet<(usize, usize)> =
+        placement.servers.iter().flat_map(|s| s.held.iter().copied()).collect();
+    let servers: Vec<&str> =
+        plan.experts.iter().flat_map(|t| t.servers.iter().map(|s| s.name.as_str())).collect();
+    let kernel = match int8_from {
+        Some(0) => "amx_int8 (every call)".to_string(),
+        Some(n) => format!("amx_int8 from {n} tokens, GGUF fused below"),
+        None => "native (the weights as stored)".to_string(),
+    };
+    let layers = shape.moe_layers().len();
+    eprintln!(
+        "kt serve: plan {}: all {} routed experts ({layers} MoE layers x {}) held in this \
+         process (plan servers [{}] hold {} of them); kernel: {kernel}",
+        plan.file,
+        layers * shape.n_experts(),
+        shape.n_experts(),
+        servers.join(", "),
+        held.len()
+    );
+    Ok(int8_from)
 }

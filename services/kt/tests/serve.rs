@@ -108,3 +108,74 @@ fn serve_answers_like_generate() {
         assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 12, "{v}");
     }
 }
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `kt serve` with the given args, expected to exit non-zero before listening; its stderr.
+fn serve_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kt"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--kv-memory", "0.01"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "kt serve started: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn serve_with_plan_answers() {
+    let model = root().join("tests/fixtures/models/qwen2moe/hf");
+    let plan = root().join("rules/fixtures/qwen2moe.yaml");
+    let s = serve(&["--model", model.to_str().unwrap(), "--plan", plan.to_str().unwrap()]);
+    ready(&s.addr);
+    let v = completion(&s.addr, "hf", "The quick brown fox", 4);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{v}");
+    drop(s);
+    // decode amx_int8: the routed experts are repacked and every call runs on them.
+    let text =
+        std::fs::read_to_string(&plan).unwrap().replace("decode: native", "decode: amx_int8");
+    let plan = std::env::temp_dir().join(format!("kt-serve-int8-{}.yaml", std::process::id()));
+    std::fs::write(&plan, text).unwrap();
+    let s = serve(&["--model", model.to_str().unwrap(), "--plan", plan.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&plan);
+    ready(&s.addr);
+    let v = completion(&s.addr, "hf", "The quick brown fox", 4);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{v}");
+}
+
+#[test]
+fn serve_refuses_a_plan_for_another_arch() {
+    let model = root().join("tests/fixtures/models/qwen2moe/hf");
+    let plan = root().join("rules/fixtures/mixtral.yaml");
+    let err = serve_fails(&["--model", model.to_str().unwrap(), "--plan", plan.to_str().unwrap()]);
+    assert!(err.contains("mixtral.yaml"), "{err}");
+    assert!(err.contains("the plan is for arch `mixtral`"), "{err}");
+}
+
+#[test]
+fn serve_refuses_an_expert_format_it_does_not_compute() {
+    let model = root().join("tests/fixtures/models/qwen2moe/hf");
+    let text = std::fs::read_to_string(root().join("rules/fixtures/qwen2moe.yaml")).unwrap();
+    let text = text.replace(
+        "kernel: {decode: native, prefill: native}",
+        "kernel: {decode: native, prefill: amx_bf16}",
+    );
+    assert!(text.contains("amx_bf16"));
+    let plan = std::env::temp_dir().join(format!("kt-serve-plan-{}.yaml", std::process::id()));
+    std::fs::write(&plan, text).unwrap();
+    let err = serve_fails(&["--model", model.to_str().unwrap(), "--plan", plan.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&plan);
+    assert!(err.contains(plan.to_str().unwrap()), "{err}");
+    assert!(err.contains("`amx_bf16` is not implemented"), "{err}");
+}
+
+#[test]
+fn serve_plan_needs_a_model() {
+    let plan = root().join("rules/fixtures/qwen2moe.yaml");
+    let err = serve_fails(&["--plan", plan.to_str().unwrap()]);
+    assert!(err.contains("--model"), "{err}");
+}
