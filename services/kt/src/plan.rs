@@ -127,20 +127,8 @@ pub fn int8_from_for(
     prefill: ExpertFormat,
     flag: Option<usize>,
 ) -> Result<Option<usize>, String> {
-    for f in [decode, prefill] {
-        if !matches!(f, ExpertFormat::Native | ExpertFormat::AmxInt8) {
-            return Err(format!(
-                "expert kernel format `{}` is not implemented (kt computes `native`, the stored \
-                 weights, and `amx_int8`)",
-                f.name()
-            ));
-        }
-    }
-    Ok(match (decode, prefill) {
-        (ExpertFormat::AmxInt8, _) => Some(0),
-        (_, ExpertFormat::AmxInt8) => Some(flag.unwrap_or(DEFAULT_INT8_FROM)),
-        _ => flag,
-    })
+    let plan = ExpertFormat::int8_from(decode, prefill, flag.unwrap_or(DEFAULT_INT8_FROM))?;
+    Ok(plan.or(flag))
 }
 
 #[cfg(test)]

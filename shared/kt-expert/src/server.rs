@@ -101,26 +101,14 @@ impl Default for ServerOptions {
 /// The kernel of `opts`' formats, and whether the experts must be repacked to `amx_int8`;
 /// an error names a format kt-expert does not compute.
 fn kernel_of(opts: &ServerOptions) -> Result<(ExpertKernel, bool), ExpertError> {
-    for f in [opts.decode, opts.prefill] {
-        if !matches!(f, ExpertFormat::Native | ExpertFormat::AmxInt8) {
-            return Err(ExpertError::Plan {
-                file: String::new(),
-                reason: format!(
-                    "expert kernel format `{}` is not implemented (kt-expert computes `native` \
-                     GGUF blocks and `amx_int8`)",
-                    f.name()
-                ),
-            });
+    let int8_from = ExpertFormat::int8_from(opts.decode, opts.prefill, opts.prefill_from)
+        .map_err(|reason| ExpertError::Plan { file: String::new(), reason })?;
+    Ok(match int8_from {
+        None => (ExpertKernel::Fused(FusedConfig::default()), false),
+        Some(0) => (ExpertKernel::Int8 { path: None }, true),
+        Some(int8_from) => {
+            (ExpertKernel::Hybrid { fused: FusedConfig::default(), int8_from }, true)
         }
-    }
-    let fused = ExpertKernel::Fused(FusedConfig::default());
-    Ok(match (opts.decode, opts.prefill) {
-        (ExpertFormat::AmxInt8, _) => (ExpertKernel::Int8 { path: None }, true),
-        (_, ExpertFormat::AmxInt8) => (
-            ExpertKernel::Hybrid { fused: FusedConfig::default(), int8_from: opts.prefill_from },
-            true,
-        ),
-        _ => (fused, false),
     })
 }
 

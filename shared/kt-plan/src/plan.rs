@@ -151,6 +151,31 @@ impl ExpertFormat {
         }
     }
 
+    /// The `--int8-from` of a process that computes routed experts with `decode` and
+    /// `prefill` as its formats: `Some(0)` (every call on the `amx_int8` copies) for decode
+    /// `amx_int8`, `Some(prefill_from)` for prefill `amx_int8` alone, `None` (the stored weights
+    /// only) for `native` both; an error names any other format, which kt does not compute.
+    pub fn int8_from(
+        decode: ExpertFormat,
+        prefill: ExpertFormat,
+        prefill_from: usize,
+    ) -> Result<Option<usize>, String> {
+        for f in [decode, prefill] {
+            if !matches!(f, ExpertFormat::Native | ExpertFormat::AmxInt8) {
+                return Err(format!(
+                    "expert kernel format `{}` is not implemented (kt computes `native`, the \
+                     stored weights, and `amx_int8`)",
+                    f.name()
+                ));
+            }
+        }
+        Ok(match (decode, prefill) {
+            (ExpertFormat::AmxInt8, _) => Some(0),
+            (_, ExpertFormat::AmxInt8) => Some(prefill_from),
+            _ => None,
+        })
+    }
+
     /// Bytes of `numel` weights in this format; `None` keeps the stored bytes.
     pub fn bytes(self, numel: u64) -> Option<u64> {
         match self {

@@ -151,12 +151,7 @@ struct Active<'a> {
 
 /// Rows per work item for an expert with `tokens` tokens, so that the layer's total work
 /// (`Σ rows · tokens`) splits into about `threads · items_per_thread` items.
-pub(super) fn rows_per_item(
-    rows: usize,
-    tokens: usize,
-    total_work: usize,
-    cfg: &FusedConfig,
-) -> usize {
+fn rows_per_item(rows: usize, tokens: usize, total_work: usize, cfg: &FusedConfig) -> usize {
     let items = rayon::current_num_threads() * cfg.items_per_thread.max(1);
     let target = total_work.div_ceil(items.max(1));
     target.div_ceil(tokens.max(1)).clamp(4, rows.max(4))
@@ -168,14 +163,25 @@ fn items(
     rows: impl Fn(&Mlp) -> usize,
     cfg: &FusedConfig,
 ) -> Vec<(usize, std::ops::Range<usize>)> {
-    let total: usize = active.iter().map(|a| rows(a.mlp) * a.tokens.len()).sum();
+    let shape: Vec<(usize, usize)> = active.iter().map(|a| (rows(a.mlp), a.tokens.len())).collect();
+    row_blocks(&shape, 1, cfg)
+}
+
+/// Row blocks `(expert index, rows)` over experts of `shape` = (output rows, tokens) each, a
+/// multiple of `align` rows per block (the last one of an expert may be shorter), sized so that
+/// the layer's total work splits into about `threads · items_per_thread` blocks.
+pub(super) fn row_blocks(
+    shape: &[(usize, usize)],
+    align: usize,
+    cfg: &FusedConfig,
+) -> Vec<(usize, std::ops::Range<usize>)> {
+    let total: usize = shape.iter().map(|(rows, nt)| rows * nt).sum();
     let mut out = Vec::new();
-    for (i, a) in active.iter().enumerate() {
-        let r = rows(a.mlp);
-        let step = rows_per_item(r, a.tokens.len(), total, cfg);
+    for (i, &(rows, nt)) in shape.iter().enumerate() {
+        let step = rows_per_item(rows, nt, total, cfg).next_multiple_of(align.max(1));
         let mut r0 = 0;
-        while r0 < r {
-            out.push((i, r0..(r0 + step).min(r)));
+        while r0 < rows {
+            out.push((i, r0..(r0 + step).min(rows)));
             r0 += step;
         }
     }

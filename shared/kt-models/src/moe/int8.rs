@@ -20,7 +20,7 @@ use kt_quant::packed::{self, PackedI8, Path, QuantActs, ROW_ALIGN};
 use rayon::prelude::*;
 
 use super::fused::{
-    assemble, group_by_expert, item_starts, map_items, rows_per_item, weighted_sum, FusedConfig,
+    assemble, group_by_expert, item_starts, map_items, row_blocks, weighted_sum, FusedConfig,
     SERIAL_PAIRS,
 };
 use super::{Mlp, Routing};
@@ -95,25 +95,6 @@ pub fn repack_layers(
     Ok(out)
 }
 
-/// Row blocks `(expert index, rows)` over each expert's `rows` output rows, a multiple of
-/// [`ROW_ALIGN`] rows each (the last one may be shorter).
-fn aligned_items(
-    active: &[(usize, usize)],
-    cfg: &FusedConfig,
-) -> Vec<(usize, std::ops::Range<usize>)> {
-    let total: usize = active.iter().map(|(rows, nt)| rows * nt).sum();
-    let mut out = Vec::new();
-    for (i, &(rows, nt)) in active.iter().enumerate() {
-        let step = rows_per_item(rows, nt, total, cfg).next_multiple_of(ROW_ALIGN);
-        let mut r0 = 0;
-        while r0 < rows {
-            out.push((i, r0..(r0 + step).min(rows)));
-            r0 += step;
-        }
-    }
-    out
-}
-
 /// `x` (rows of `h`) quantized per token, rows in parallel when `par`.
 fn quantize(x: &[f32], h: usize, par: bool) -> QuantActs {
     if !par {
@@ -164,20 +145,14 @@ pub(super) fn forward(
 
     // Gate + up: blocks of intermediate rows of one expert, all its tokens.
     let shape: Vec<(usize, usize)> = active.iter().map(|a| (a.0.gate.rows(), a.1.len())).collect();
-    let work = aligned_items(&shape, &cfg);
+    let work = row_blocks(&shape, ROW_ALIGN, &cfg);
     let blocks: Vec<Vec<f32>> = work
         .par_iter()
         .map(|(i, rows)| {
             let (m, tokens, _) = active[*i];
-            let (nt, nr) = (tokens.len(), rows.len());
-            let (mut g, mut u) = (vec![0f32; nt * nr], vec![0f32; nt * nr]);
-            let a = &gathered[*i];
-            // Shapes were checked above; an error cannot happen, NaN would show it.
-            let ok = packed::matmul(&m.gate, rows.clone(), a, &mut g, nr, path_for(nt)).is_ok()
-                && packed::matmul(&m.up, rows.clone(), a, &mut u, nr, path_for(nt)).is_ok();
-            if !ok {
-                g.fill(f32::NAN);
-            }
+            let path = path_for(tokens.len());
+            let mut g = project(&m.gate, rows.clone(), &gathered[*i], path);
+            let u = project(&m.up, rows.clone(), &gathered[*i], path);
             silu_mul_fast(&mut g, &u);
             g
         })
@@ -193,23 +168,26 @@ pub(super) fn forward(
 
     // Down: blocks of hidden rows of one expert, all its tokens.
     let shape: Vec<(usize, usize)> = active.iter().map(|a| (a.0.down.rows(), a.1.len())).collect();
-    let work = aligned_items(&shape, &cfg);
+    let work = row_blocks(&shape, ROW_ALIGN, &cfg);
     let blocks: Vec<Vec<f32>> = work
         .par_iter()
         .map(|(i, rows)| {
             let (m, tokens, _) = active[*i];
-            let (nt, nr) = (tokens.len(), rows.len());
-            let mut o = vec![0f32; nt * nr];
-            if packed::matmul(&m.down, rows.clone(), &down_acts[*i], &mut o, nr, path_for(nt))
-                .is_err()
-            {
-                o.fill(f32::NAN);
-            }
-            o
+            project(&m.down, rows.clone(), &down_acts[*i], path_for(tokens.len()))
         })
         .collect();
     drop(down_acts);
     let routed: Vec<(&[usize], &[f32])> = active.iter().map(|a| (a.1, a.2)).collect();
-    let out = weighted_sum(&routed, &work, &blocks, n, h, par);
-    Some(out)
+    Some(weighted_sum(&routed, &work, &blocks, n, h, par))
+}
+
+/// `w`'s rows `rows` against the token rows `a`, token-major (`[tokens × rows]`). The caller
+/// checked the shapes, so `matmul` cannot refuse them; if it did, NaN would show it.
+fn project(w: &PackedI8, rows: std::ops::Range<usize>, a: &QuantActs, path: Path) -> Vec<f32> {
+    let nr = rows.len();
+    let mut o = vec![0f32; a.tokens() * nr];
+    if packed::matmul(w, rows, a, &mut o, nr, path).is_err() {
+        o.fill(f32::NAN);
+    }
+    o
 }
